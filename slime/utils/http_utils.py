@@ -1,0 +1,82 @@
+"""Async HTTP helpers that plugins import (`from slime.utils.http_utils import post`).
+
+    python -c "import asyncio; from slime.utils.http_utils import post; print(asyncio.run(post('http://127.0.0.1:30000/generate', {'text': 'hi'})))"
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import httpx
+
+logger = logging.getLogger(__name__)
+
+_client: httpx.AsyncClient | None = None
+_client_loop: asyncio.AbstractEventLoop | None = None
+
+
+def _shared_client() -> httpx.AsyncClient:
+    """One pooled client per event loop (httpx clients must not cross loops)."""
+    global _client, _client_loop
+    loop = asyncio.get_running_loop()
+    if _client is None or _client_loop is not loop or _client.is_closed:
+        limits = httpx.Limits(max_connections=4096, max_keepalive_connections=1024)
+        _client = httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(None))
+        _client_loop = loop
+    return _client
+
+
+class HTTPStatusError(RuntimeError):
+    def __init__(self, url: str, status_code: int, body: str):
+        super().__init__(f"POST {url} answered HTTP {status_code}: {body[:500]}")
+        self.status_code = status_code
+        self.body = body
+
+
+async def post(
+    url: str,
+    payload: dict[str, Any] | None = None,
+    max_retries: int = 60,
+    *,
+    timeout: float | None = None,
+    backoff: float = 0.5,
+    max_backoff: float = 8.0,
+) -> Any:
+    """POST json and return the decoded json answer; retries connection errors and 5xx with back-off.
+
+    4xx answers are the caller's fault and raise at once with the server's message.
+    """
+    client = _shared_client()
+    delay = backoff
+    last_error: Exception | None = None
+    for attempt in range(max(1, max_retries)):
+        try:
+            response = await client.post(url, json=payload or {}, timeout=timeout)
+            if response.status_code < 400:
+                try:
+                    return response.json()
+                except ValueError:
+                    return response.text
+            error = HTTPStatusError(url, response.status_code, response.text)
+            if response.status_code < 500:
+                raise error
+            last_error = error
+        except (httpx.TransportError, httpx.TimeoutException) as e:
+            last_error = e
+        if attempt + 1 < max_retries:
+            logger.debug("POST %s failed (%s); retry %d in %.1fs", url, last_error, attempt + 1, delay)
+            await asyncio.sleep(delay)
+            delay = min(max_backoff, delay * 2)
+    raise RuntimeError(f"POST {url} failed after {max_retries} attempts: {last_error}") from last_error
+
+
+async def get(url: str, *, timeout: float | None = 30.0) -> Any:
+    client = _shared_client()
+    response = await client.get(url, timeout=timeout)
+    response.raise_for_status()
+    try:
+        return response.json()
+    except ValueError:
+        return response.text

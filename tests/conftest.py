@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny checkpoints made on the fly (no downloads).
+
+    python -m pytest -q tests
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A ~100k-parameter Qwen3 checkpoint with tokenizer and chat template."""
+    from tools.make_tiny_model import make_model
+
+    return make_model("tiny", tmp_path_factory.mktemp("tiny-qwen3"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_factory(tmp_path_factory):
+    """Make any preset once per session: `tiny_model_factory("tiny-llama")`."""
+    from tools.make_tiny_model import make_model
+
+    made: dict[tuple[str, int], Path] = {}
+
+    def make(preset: str = "tiny", seed: int = 0) -> Path:
+        key = (preset, seed)
+        if key not in made:
+            made[key] = make_model(preset, tmp_path_factory.mktemp(f"{preset}-{seed}"), seed=seed)
+        return made[key]
+
+    return make
