@@ -1,0 +1,82 @@
+"""Reductions of flat per-token tensors to one number per micro-batch.
+
+    python -c "import torch; from slime.algo.reduce import sum_of_sample_mean; print(sum_of_sample_mean(torch.ones(5), [2, 3], [torch.ones(2), torch.ones(3)]))"
+
+A micro-batch's per-token quantity `x` is the concatenation of its samples' response tokens
+(lengths `response_lengths`). By default each sample contributes the masked mean of its tokens and
+the micro-batch contributes the *sum* of those means; with `--calculate-per-token-loss` it
+contributes the masked token *sum*. The backend then divides by the global number of samples
+(or of loss-masked tokens), so every sample (or token) weighs the same whatever the micro-batching.
+
+Masked tokens (mask 0) never influence the result, even when they hold inf or NaN.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+
+def _masked(x: Tensor, mask: Tensor) -> Tensor:
+    mask = mask.to(device=x.device, dtype=x.dtype)
+    return torch.where(mask != 0, x * mask, 0.0)
+
+
+def _check_lengths(x: Tensor, response_lengths: Sequence[int], loss_masks: Sequence[Tensor]) -> None:
+    if x.dim() != 1:
+        raise ValueError(f"expected a flat per-token tensor, got shape {tuple(x.shape)}")
+    if len(response_lengths) != len(loss_masks):
+        raise ValueError(f"{len(response_lengths)} response_lengths but {len(loss_masks)} loss_masks")
+    if sum(response_lengths) != x.numel():
+        raise ValueError(f"per-token tensor has {x.numel()} tokens but response_lengths sum to {sum(response_lengths)}")
+    for i, (length, mask) in enumerate(zip(response_lengths, loss_masks)):
+        if mask.numel() != length:
+            raise ValueError(f"loss_masks[{i}] has {mask.numel()} entries but response_lengths[{i}] = {length}")
+
+
+def sum_of_sample_mean(
+    x: Tensor,
+    response_lengths: Sequence[int],
+    loss_masks: Sequence[Tensor],
+    *,
+    per_token: bool = False,
+    normalizer_masks: Sequence[Tensor] | None = None,
+) -> Tensor:
+    """Sum over samples of the masked per-sample mean of `x` (or the masked token sum if `per_token`).
+
+    `normalizer_masks` (default: `loss_masks`) gives the per-sample denominators; TIS hooks that
+    reject tokens shrink the numerator mask but keep the original denominators.
+    """
+    _check_lengths(x, response_lengths, loss_masks)
+    normalizer_masks = loss_masks if normalizer_masks is None else normalizer_masks
+    total = x.new_zeros(())
+    for x_i, mask_i, norm_i in zip(x.split(list(response_lengths)), loss_masks, normalizer_masks):
+        contribution = _masked(x_i, mask_i).sum()
+        if not per_token:
+            contribution = contribution / norm_i.to(device=x.device, dtype=x.dtype).sum().clamp_min(1)
+        total = total + contribution
+    return total
+
+
+def get_sum_of_sample_mean(
+    total_lengths: Sequence[int],
+    response_lengths: Sequence[int],
+    loss_masks: Sequence[Tensor],
+    calculate_per_token_loss: bool = False,
+) -> Callable[[Tensor], Tensor]:
+    """Reducer factory with the original signature; custom loss and pg-loss-reducer plugins receive its result.
+
+    `total_lengths` (prompt + response) is accepted for signature compatibility; without context
+    parallelism the reduction needs only the response lengths.
+    """
+    if len(total_lengths) != len(response_lengths):
+        raise ValueError(f"{len(total_lengths)} total_lengths but {len(response_lengths)} response_lengths")
+    lengths = list(response_lengths)
+    masks = list(loss_masks)
+
+    def reduce(x: Tensor) -> Tensor:
+        return sum_of_sample_mean(x, lengths, masks, per_token=calculate_per_token_loss)
+
+    return reduce
