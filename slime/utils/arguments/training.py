@@ -1,0 +1,33 @@
+"""slime training flags: `python train.py --use-dynamic-batch-size --max-tokens-per-gpu 4096 ...`.
+
+Megatron-style hyper-parameters shared by every backend (--lr, --global-batch-size, ...) live in
+`megatron.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("training")
+    group.add_argument("--use-dynamic-batch-size", action="store_true", default=False,
+                       help="Pack micro-batches to --max-tokens-per-gpu instead of --micro-batch-size samples.")
+    group.add_argument("--max-tokens-per-gpu", type=int, default=None,
+                       help="Token budget of one micro-batch per GPU under --use-dynamic-batch-size.")
+    group.add_argument("--log-probs-max-tokens-per-gpu", type=int, default=None,
+                       help="Token budget when computing log-probs (default: --max-tokens-per-gpu).")
+    group.add_argument("--log-probs-chunk-size", type=int, default=-1,
+                       help="Tokens per chunk when computing log-probs over the vocabulary (-1: no chunking).")
+    group.add_argument("--balance-data", action="store_true", default=False,
+                       help="Even out tokens across data-parallel ranks (may split a prompt's group across steps).")
+    group.add_argument("--data-pad-size-multiplier", type=int, default=128,
+                       help="Pad packed sequences to a multiple of this.")
+    group.add_argument("--only-train-params-name-list", type=str, nargs="*", default=None,
+                       help="Regexes (re.search) of parameter names to train; all others are frozen.")
+    group.add_argument("--freeze-params-name-list", type=str, nargs="*", default=None,
+                       help="Regexes (re.search) of parameter names to freeze; all others are trained.")
+    group.add_argument("--num-critic-only-steps", type=int, default=0,
+                       help="Rollouts that train only the critic first (not supported yet).")
+    group.add_argument("--custom-model-provider-path", type=str, default=None,
+                       help="module.attr of a function that builds the model (not supported yet).")
