@@ -1,0 +1,221 @@
+"""The built-in inference engine: add requests, call `step()` until done, read `TokenOutput`s.
+
+    from slime.engine import EngineConfig, LLMEngine, SamplingParams
+    engine = LLMEngine(EngineConfig("/path/to/hf-checkpoint"))
+    engine.add_request("r1", [1, 2, 3], SamplingParams(temperature=0, max_new_tokens=8))
+    while engine.has_unfinished_requests():
+        for out in engine.step(): print(out)
+
+Single-threaded by design (the async server owns it in one thread). Token ids only; the tokenizer
+lives at the HTTP edge, and so do stop strings.
+
+Memory: `release_memory(["kv_cache"])` frees the KV cache tensors and forgets the prefix cache;
+`release_memory(["weights"])` moves the weights to a CPU copy on GPU (on CPU the weights stay, there
+being nowhere cheaper to put them). Both need an idle engine (no unfinished request) and are undone
+by `resume_memory`. `None` means both tags.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Iterable
+
+import torch
+
+from slime.engine.block_manager import BlockManager
+from slime.engine.config import EngineConfig
+from slime.engine.model_runner import ModelRunner
+from slime.engine.models.loader import iterate_checkpoint
+from slime.engine.outputs import TokenOutput
+from slime.engine.sampling_params import SamplingParams
+from slime.engine.scheduler import Scheduler
+from slime.engine.sequence import Sequence, SequenceStatus
+
+MEMORY_TAGS = ("kv_cache", "weights")
+
+
+def _as_id_list(value: Any) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
+
+
+def load_hf_config(model_path: str) -> Any:
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(model_path)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ValueError(f"--model-path {model_path!r}: cannot read config.json ({exc})") from exc
+
+
+def read_eos_token_ids(model_path: str, hf_config: Any) -> list[int]:
+    """EOS ids of config.json and generation_config.json together."""
+    ids = _as_id_list(getattr(hf_config, "eos_token_id", None))
+    generation_config = os.path.join(model_path, "generation_config.json")
+    if os.path.isfile(generation_config):
+        try:
+            ids += _as_id_list(json.load(open(generation_config)).get("eos_token_id"))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{generation_config}: invalid JSON ({exc})") from exc
+    return sorted(set(ids))
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.hf_config = load_hf_config(config.model_path)
+        self.eos_token_ids: list[int] = read_eos_token_ids(config.model_path, self.hf_config)
+        model_max = int(getattr(self.hf_config, "max_position_embeddings", 0) or 0) or 32768
+        self.max_context_len: int = config.context_length or model_max
+        self.runner = ModelRunner(config, self.hf_config, max_positions=max(self.max_context_len, model_max))
+        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size)
+        # A sequence may never need more blocks than the whole cache holds.
+        max_seq_len = min(self.max_context_len, self.block_manager.capacity_tokens)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
+                                   self.eos_token_ids, max_seq_len)
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.requests: dict[str, Sequence] = {}
+        self.pending_outputs: list[TokenOutput] = []
+        self.kv_cache_released = False
+
+    # ---- requests -------------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if self.kv_cache_released or self.runner.weights_offloaded:
+            raise RuntimeError("engine memory is released; call resume_memory() before adding requests")
+        if not prompt_token_ids:
+            raise ValueError("input_ids is empty; a request needs at least one prompt token")
+        bad = [t for t in prompt_token_ids if not 0 <= t < self.hf_config.vocab_size]
+        if bad:
+            raise ValueError(f"input_ids hold ids outside the vocabulary [0, {self.hf_config.vocab_size}): {bad[:5]}")
+        limit = self.scheduler.max_seq_len
+        if len(prompt_token_ids) >= limit:
+            what = "context length" if limit == self.max_context_len else "KV cache capacity"
+            raise ValueError(f"prompt of {len(prompt_token_ids)} tokens does not fit the {what} of {limit} tokens "
+                             f"(--context-length / --max-total-tokens)")
+        seed = params.seed if params.seed is not None else int(
+            torch.randint(0, 2**62, (1,), generator=self.generator).item())
+        seq = Sequence(request_id, prompt_token_ids, params, sampling_seed=seed)
+        if params.max_new_tokens == 0:
+            seq.status = SequenceStatus.FINISHED
+            seq.finish_reason = {"type": "length", "length": 0}
+            seq.cached_tokens = 0
+            self.pending_outputs.append(self._output(seq, [], []))
+            return
+        self.requests[request_id] = seq
+        self.scheduler.add(seq)
+
+    def abort_request(self, request_id: str) -> bool:
+        seq = self.requests.pop(request_id, None)
+        if seq is None:
+            return False
+        self.scheduler.finish(seq, {"type": "abort", "message": "Abort request."})
+        self.pending_outputs.append(self._output(seq, [], []))
+        return True
+
+    def abort_all(self) -> list[str]:
+        ids = list(self.requests)
+        for request_id in ids:
+            self.abort_request(request_id)
+        return ids
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests or self.pending_outputs)
+
+    @property
+    def num_preemptions(self) -> int:
+        return self.scheduler.num_preemptions
+
+    @property
+    def max_total_num_tokens(self) -> int:
+        """KV cache capacity in tokens (SGLang's `max_total_num_tokens`)."""
+        return self.block_manager.capacity_tokens
+
+    # ---- the loop -------------------------------------------------------------------------------
+    def step(self) -> list[TokenOutput]:
+        outputs, self.pending_outputs = self.pending_outputs, []
+        if not self.scheduler.has_unfinished():
+            return outputs
+        if self.kv_cache_released or self.runner.weights_offloaded:
+            raise RuntimeError("engine memory is released; call resume_memory() before step()")
+        seqs, is_prefill = self.scheduler.schedule()
+        if not seqs:  # add_request's capacity checks make this unreachable; fail loudly rather than spin
+            raise RuntimeError(f"scheduler made no progress with {len(self.scheduler.waiting)} waiting requests "
+                               f"and {self.block_manager.num_free_blocks} free KV blocks")
+        token_ids, logprobs = self.runner.run(seqs, is_prefill)
+        self.scheduler.postprocess(seqs, token_ids, logprobs)
+        for seq, token_id, logprob in zip(seqs, token_ids, logprobs):
+            if seq.is_finished:
+                del self.requests[seq.request_id]
+            outputs.append(self._output(seq, [token_id], [logprob]))
+        return outputs
+
+    def _output(self, seq: Sequence, token_ids: list[int], logprobs: list[float]) -> TokenOutput:
+        return TokenOutput(request_id=seq.request_id, token_ids=token_ids, logprobs=logprobs,
+                           finished=seq.is_finished, finish_reason=seq.finish_reason if seq.is_finished else None,
+                           prompt_tokens=seq.num_prompt_tokens, completion_tokens=seq.num_output_tokens,
+                           cached_tokens=seq.cached_tokens or 0)
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[dict]:
+        """Run prompts to completion (tests, benchmarks): [{"token_ids", "logprobs", "finish_reason"}]."""
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        ids = [f"generate-{id(self)}-{i}" for i in range(len(prompts))]
+        results: dict[str, dict] = {i: {"token_ids": [], "logprobs": [], "finish_reason": None} for i in ids}
+        for request_id, prompt, p in zip(ids, prompts, params_list, strict=True):
+            self.add_request(request_id, prompt, p)
+        while any(results[i]["finish_reason"] is None for i in ids):
+            for out in self.step():
+                if out.request_id in results:
+                    results[out.request_id]["token_ids"] += out.token_ids
+                    results[out.request_id]["logprobs"] += out.logprobs
+                    if out.finished:
+                        results[out.request_id]["finish_reason"] = out.finish_reason
+        return [results[i] for i in ids]
+
+    # ---- weights and caches ---------------------------------------------------------------------
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy HF-named full tensors (any subset, e.g. one bucket) in place; then forget the prefix cache."""
+        self.runner.load_weights(named_tensors)
+        self.block_manager.reset_prefix_cache()
+
+    def load_weights_from_disk(self, path: str) -> None:
+        self.load_weights(iterate_checkpoint(path))
+
+    def flush_cache(self) -> bool:
+        """Forget the prefix cache; refused (False) while requests are running, as SGLang does."""
+        if self.requests:
+            return False
+        self.block_manager.reset_prefix_cache()
+        return True
+
+    def release_memory(self, tags: list[str] | None = None) -> None:
+        tags = self._check_tags(tags)
+        if self.requests:
+            raise RuntimeError(f"cannot release memory with {len(self.requests)} unfinished requests; "
+                               "abort them first (/abort_request)")
+        if "kv_cache" in tags and not self.kv_cache_released:
+            self.block_manager.reset_prefix_cache()
+            self.runner.free_kv_cache()
+            self.kv_cache_released = True
+        if "weights" in tags:
+            self.runner.offload_weights()
+
+    def resume_memory(self, tags: list[str] | None = None) -> None:
+        tags = self._check_tags(tags)
+        if "weights" in tags:
+            self.runner.onload_weights()
+        if "kv_cache" in tags and self.kv_cache_released:
+            self.runner.allocate_kv_cache()
+            self.kv_cache_released = False
+
+    @staticmethod
+    def _check_tags(tags: list[str] | None) -> list[str]:
+        if tags is None:
+            return list(MEMORY_TAGS)
+        unknown = [t for t in tags if t not in MEMORY_TAGS]
+        if unknown:
+            raise ValueError(f"memory tags {unknown} are unknown; use {list(MEMORY_TAGS)}")
+        return list(tags)

@@ -1,0 +1,215 @@
+"""Owns the model, its KV cache and the sampler; turns a scheduled batch into next tokens.
+
+    from slime.engine.model_runner import ModelRunner
+    runner = ModelRunner(engine_config, hf_config)
+    token_ids, logprobs = runner.run(seqs, is_prefill=True)
+
+Batches are flat: the new tokens of every sequence back to back, their absolute positions, the KV
+slot each new token is written to, and per sequence its context slots / padded block table. The KV
+cache is one tensor per layer for K and one for V, [num_blocks, block_size, kv_heads, head_dim],
+sized from `kv_cache_tokens` (CPU default 32768 tokens, fewer if they would pass 2 GiB) or, on GPU, from `mem_fraction_static` of the
+device memory minus what is already used (weights included).
+
+Backends: the torch reference attention and sampler everywhere; on CUDA with Triton installed, the
+Triton paged-attention kernels, the fused Gumbel sampler for untruncated rows, and (unless
+`enforce_eager`) decode steps replayed from CUDA graphs, captured lazily at the first decode and
+dropped whenever the KV cache or the weights are reallocated.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+
+from slime.engine.attention import AttentionBackend, AttentionMetadata, TorchPagedAttention
+from slime.engine.config import DEFAULT_CPU_KV_CACHE_BYTES, DEFAULT_CPU_KV_CACHE_TOKENS, EngineConfig
+from slime.engine.models.loader import iterate_checkpoint
+from slime.engine.models.registry import model_spec_for
+from slime.engine.sampler import Sampler, SamplingTensors
+from slime.engine.sequence import Sequence
+
+
+def _triton_ready(device: torch.device) -> bool:
+    from slime.engine.kernels import triton_available
+
+    return triton_available(device)
+
+
+def _triton_attention() -> AttentionBackend:
+    from slime.engine.kernels.paged_attention import TritonPagedAttention
+
+    return TritonPagedAttention()
+
+
+def _is_triton_attention(attention: AttentionBackend) -> bool:
+    """CUDA graphs need a backend that reads only device tensors from the metadata."""
+    from slime.engine.kernels.paged_attention import TritonPagedAttention
+
+    return isinstance(attention, TritonPagedAttention)
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, hf_config: Any, max_positions: int,
+                 attention: AttentionBackend | None = None) -> None:
+        self.config = config
+        self.hf_config = hf_config
+        self.device = torch.device(config.device)
+        self.dtype = config.resolve_dtype(getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None))
+        self.block_size = config.block_size
+        model_cls, variant = model_spec_for(hf_config)
+        fast_gpu = self.device.type == "cuda" and _triton_ready(self.device)
+        if attention is None:
+            attention = _triton_attention() if fast_gpu else TorchPagedAttention()
+        with torch.device(self.device):
+            self.model = model_cls(hf_config, variant, self.dtype, attention, max_positions)
+        self.model.eval()
+        missing = self.model.missing_weights(self.model.load_weights(iterate_checkpoint(config.model_path)))
+        if missing:
+            raise ValueError(f"checkpoint {config.model_path!r} lacks weights: {sorted(missing)[:8]}"
+                             f"{' ...' if len(missing) > 8 else ''}")
+        self.sampler = Sampler(fused_gpu_sampling=fast_gpu)
+        self.vocab_size = hf_config.vocab_size
+        layer = self.model.attention_layers()[0]
+        self.num_layers = len(self.model.attention_layers())
+        self.kv_shape_tail = (self.block_size, layer.num_kv_heads, layer.head_dim)
+        self.num_blocks = self._count_kv_blocks()
+        self.kv_cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.weights_backup: dict[str, torch.Tensor] | None = None
+        self.allocate_kv_cache()
+        self.decode_graphs = None
+        if fast_gpu and not config.enforce_eager and _is_triton_attention(attention):
+            from slime.engine.cuda_graph import DecodeGraphRunner
+
+            max_blocks = (max_positions + self.block_size - 1) // self.block_size
+            self.decode_graphs = DecodeGraphRunner(self.model, config.max_num_seqs, max_blocks, self.vocab_size,
+                                                   self.device)
+
+    # ---- memory ---------------------------------------------------------------------------------
+    def _bytes_per_block(self) -> int:
+        block_size, kv_heads, head_dim = self.kv_shape_tail
+        return 2 * self.num_layers * block_size * kv_heads * head_dim * torch.empty(0, dtype=self.dtype).element_size()
+
+    def _count_kv_blocks(self) -> int:
+        if self.config.kv_cache_tokens is not None:
+            return max(1, self.config.kv_cache_tokens // self.block_size)
+        if self.device.type != "cuda":
+            return max(1, min(DEFAULT_CPU_KV_CACHE_TOKENS // self.block_size,
+                              DEFAULT_CPU_KV_CACHE_BYTES // self._bytes_per_block()))
+        free, total = torch.cuda.mem_get_info(self.device)
+        budget = total * self.config.mem_fraction_static - (total - free)
+        num_blocks = int(budget // self._bytes_per_block())
+        if num_blocks < 1:
+            raise ValueError(f"--mem-fraction-static {self.config.mem_fraction_static} leaves no room for the KV cache "
+                             f"({(total - free) / 2**30:.1f} GiB of {total / 2**30:.1f} GiB already used); raise it")
+        return num_blocks
+
+    def allocate_kv_cache(self) -> None:
+        if self.kv_cache is not None:
+            return
+        shape = (self.num_blocks, *self.kv_shape_tail)
+        self.kv_cache = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
+                          torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in range(self.num_layers)]
+        for layer, (k_cache, v_cache) in zip(self.model.attention_layers(), self.kv_cache):
+            layer.k_cache, layer.v_cache = k_cache, v_cache
+
+    def free_kv_cache(self) -> None:
+        self._drop_graphs()
+        for layer in self.model.attention_layers():
+            layer.k_cache = layer.v_cache = None
+        self.kv_cache = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def offload_weights(self) -> None:
+        """GPU: keep a CPU copy and free the device storage. CPU: nothing to free."""
+        if self.device.type != "cuda" or self.weights_backup is not None:
+            return
+        self._drop_graphs()
+        self.weights_backup = {}
+        for name, param in self.model.named_parameters():
+            self.weights_backup[name] = param.data.to("cpu")
+            param.data = torch.empty(0, dtype=param.dtype, device=self.device)
+        torch.cuda.empty_cache()
+
+    def onload_weights(self) -> None:
+        if self.weights_backup is None:
+            return
+        for name, param in self.model.named_parameters():
+            param.data = self.weights_backup[name].to(self.device)
+        self.weights_backup = None
+
+    def _drop_graphs(self) -> None:
+        if self.decode_graphs is not None:
+            self.decode_graphs.reset()
+
+    @property
+    def weights_offloaded(self) -> bool:
+        return self.weights_backup is not None
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> set[tuple[str, Any]]:
+        if self.weights_offloaded:
+            raise RuntimeError("weights are released; resume_memory(['weights']) before updating them")
+        with torch.no_grad():
+            return self.model.load_weights(named_tensors)
+
+    # ---- batches --------------------------------------------------------------------------------
+    def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:
+        bs, table = self.block_size, seq.block_table
+        return [table[p // bs] * bs + p % bs for p in range(start, end)]
+
+    def _metadata(self, seqs: list[Sequence], is_prefill: bool, slot_mapping: list[int],
+                  query_lens: list[int]) -> AttentionMetadata:
+        context_lens = [len(seq) for seq in seqs]
+        max_blocks = max(len(seq.block_table) for seq in seqs)
+        block_tables = torch.tensor([seq.block_table + [0] * (max_blocks - len(seq.block_table)) for seq in seqs],
+                                    dtype=torch.int32, device=self.device)
+        slot_table = (block_tables.long()[:, :, None] * self.block_size
+                      + torch.arange(self.block_size, device=self.device)).view(len(seqs), -1)
+        meta = AttentionMetadata(
+            is_prefill=is_prefill, slot_mapping=torch.tensor(slot_mapping, dtype=torch.int64, device=self.device),
+            query_lens=query_lens, context_lens=context_lens,
+            context_slots=[slot_table[i, :n] for i, n in enumerate(context_lens)], block_tables=block_tables)
+        if not is_prefill:
+            lengths = torch.tensor(context_lens, device=self.device)
+            keys = torch.arange(slot_table.shape[1], device=self.device)
+            meta.context_mask = (keys[None, :] < lengths[:, None])[:, None, None, :]
+        return meta
+
+    def prepare(self, seqs: list[Sequence], is_prefill: bool) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata,
+                                                                          torch.Tensor]:
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slot_mapping: list[int] = []
+        query_lens: list[int] = []
+        for seq in seqs:
+            start = seq.num_computed_tokens if is_prefill else len(seq) - 1
+            assert start < len(seq) and len(seq.block_table) * self.block_size >= len(seq)
+            input_ids.extend(seq.token_ids[start:])
+            positions.extend(range(start, len(seq)))
+            slot_mapping.extend(self._slots(seq, start, len(seq)))
+            query_lens.append(len(seq) - start)
+        last = torch.tensor(query_lens, device=self.device).cumsum(0) - 1
+        meta = self._metadata(seqs, is_prefill, slot_mapping, query_lens)
+        ids = torch.tensor(input_ids, dtype=torch.int64, device=self.device)
+        pos = torch.tensor(positions, dtype=torch.int64, device=self.device)
+        return ids, pos, meta, last
+
+    @torch.inference_mode()
+    def run(self, seqs: list[Sequence], is_prefill: bool) -> tuple[list[int], list[float]]:
+        """Forward the batch and sample one token per sequence; returns (token ids, log-probs)."""
+        if self.kv_cache is None:
+            raise RuntimeError("KV cache is released; resume_memory(['kv_cache']) before generating")
+        if self.weights_offloaded:
+            raise RuntimeError("weights are released; resume_memory(['weights']) before generating")
+        if not is_prefill and self.decode_graphs is not None:
+            if not self.decode_graphs.captured:
+                self.decode_graphs.capture()
+            logits = self.decode_graphs.run(seqs, self.block_size)
+        else:
+            ids, pos, meta, last = self.prepare(seqs, is_prefill)
+            logits = self.model(ids, pos, meta, last)
+        tensors = SamplingTensors.build([s.params for s in seqs], [s.sampling_seed for s in seqs],
+                                        [s.num_output_tokens for s in seqs], logits.shape[-1], self.device)
+        tokens, logprobs = self.sampler(logits, tensors)
+        return tokens.tolist(), logprobs.tolist()

@@ -1,0 +1,118 @@
+"""Continuous batching: which sequences run in the next forward pass, and what happens after it.
+
+    from slime.engine.scheduler import Scheduler
+    scheduler = Scheduler(block_manager, max_num_seqs=256, max_num_batched_tokens=8192, eos_token_ids=[2],
+                          max_seq_len=2048)
+
+Each step is either a prefill (admit waiting sequences, oldest first, while their uncached tokens fit
+`max_num_batched_tokens` and their blocks fit the cache) or a decode of every running sequence.
+New requests therefore join a running batch at the next step. When a decode needs a block and none is
+free, the newest running sequence is preempted: its blocks are freed and it goes back to the front of
+the queue to be recomputed (prompt + tokens so far) later; its outputs are unaffected.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from slime.engine.block_manager import BlockManager
+from slime.engine.sequence import Sequence, SequenceStatus
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 eos_token_ids: list[int], max_seq_len: int) -> None:
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.eos_token_ids = set(eos_token_ids)
+        self.max_seq_len = max_seq_len  # context length, capped by what the KV cache can hold
+        self.waiting: deque[Sequence] = deque()
+        self.running: deque[Sequence] = deque()
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> tuple[list[Sequence], bool]:
+        """Returns (sequences, is_prefill); empty when nothing can run."""
+        prefill = self._schedule_prefill()
+        if prefill:
+            return prefill, True
+        return self._schedule_decode(), False
+
+    def _schedule_prefill(self) -> list[Sequence]:
+        scheduled: list[Sequence] = []
+        num_tokens = 0
+        while self.waiting and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            hits = self.block_manager.match_prefix(seq)
+            new_tokens = len(seq) - len(hits) * self.block_manager.block_size
+            if scheduled and num_tokens + new_tokens > self.max_num_batched_tokens:
+                break
+            if not self.block_manager.can_allocate(seq, hits):
+                break
+            self.block_manager.allocate(seq, hits)
+            if seq.cached_tokens is None:
+                seq.cached_tokens = min(seq.num_computed_tokens, seq.num_prompt_tokens)
+            num_tokens += new_tokens
+            seq.status = SequenceStatus.RUNNING
+            self.waiting.popleft()
+            self.running.append(seq)
+            scheduled.append(seq)
+        return scheduled
+
+    def _schedule_decode(self) -> list[Sequence]:
+        scheduled: list[Sequence] = []
+        while self.running:
+            seq = self.running.popleft()
+            while not self.block_manager.can_append(seq):
+                if self.running:
+                    self._preempt(self.running.pop())
+                else:
+                    self._preempt(seq)
+                    break
+            else:
+                self.block_manager.append_slot(seq)
+                scheduled.append(seq)
+        self.running.extend(scheduled)
+        return scheduled
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.block_manager.deallocate(seq)
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def postprocess(self, seqs: list[Sequence], token_ids: list[int], logprobs: list[float]) -> None:
+        """Append each sampled token and finish sequences that hit a stop condition."""
+        for seq, token_id, logprob in zip(seqs, token_ids, logprobs, strict=True):
+            seq.num_computed_tokens = len(seq)
+            seq.append_token(token_id, logprob)
+            reason = self._finish_reason(seq, token_id)
+            if reason is not None:
+                self.finish(seq, reason)
+
+    def _finish_reason(self, seq: Sequence, token_id: int) -> dict | None:
+        params = seq.params
+        if seq.num_output_tokens >= params.max_new_tokens:
+            return {"type": "length", "length": params.max_new_tokens}
+        if not params.ignore_eos and (token_id in self.eos_token_ids or token_id in params.stop_token_ids):
+            return {"type": "stop", "matched": token_id}
+        if len(seq) >= self.max_seq_len:
+            return {"type": "length", "length": seq.num_output_tokens}
+        return None
+
+    def finish(self, seq: Sequence, reason: dict) -> None:
+        if seq.status == SequenceStatus.RUNNING:
+            self.block_manager.deallocate(seq)
+            self.running.remove(seq)
+        elif seq.status == SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
