@@ -24,3 +24,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="module.attr of fn(args, samples) -> (raw_rewards, rewards).")
     group.add_argument("--custom-convert-samples-to-train-data-path", type=str, default=None,
                        help="module.attr of fn(args, samples) -> dict replacing the default conversion.")
+    group.add_argument("--rm-timeout", type=float, default=300.0,
+                       help="Seconds one reward call may take before its sample is marked FAILED (0: no limit).")

@@ -50,6 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="module.attr replacing rollout logging; returns True to skip the default logging.")
     group.add_argument("--custom-eval-rollout-log-function-path", type=str, default=None,
                        help="module.attr replacing eval logging; returns True to skip the default logging.")
+    group.add_argument("--rollout-max-retries", type=int, default=8,
+                       help="Attempts per /generate call (connection errors and 5xx) before the sample is FAILED.")
     group.add_argument("--rollout-external-engine-addrs", type=str, nargs="+", default=None,
                        help="host:port of engines started outside slime (no local engines are launched).")
     group.add_argument("--use-fault-tolerance", action="store_true", default=False,

@@ -27,6 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="Regexes (re.search) of parameter names to train; all others are frozen.")
     group.add_argument("--freeze-params-name-list", type=str, nargs="*", default=None,
                        help="Regexes (re.search) of parameter names to freeze; all others are trained.")
+    group.add_argument("--max-nan-steps", type=int, default=3,
+                       help="Optimizer steps with a NaN/Inf loss or gradient are skipped and logged; the run stops "
+                            "with an error after this many in a row.")
     group.add_argument("--num-critic-only-steps", type=int, default=0,
                        help="Rollouts that train only the critic first (not supported yet).")
     group.add_argument("--custom-model-provider-path", type=str, default=None,

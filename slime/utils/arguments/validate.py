@@ -104,6 +104,8 @@ def _check_batch_sizes(args: argparse.Namespace) -> None:
         raise ValueError(f"--rollout-batch-size must be > 0, got {args.rollout_batch_size}")
     if args.n_samples_per_prompt <= 0:
         raise ValueError(f"--n-samples-per-prompt must be > 0, got {args.n_samples_per_prompt}")
+    if args.max_nan_steps < 1:
+        raise ValueError(f"--max-nan-steps must be >= 1, got {args.max_nan_steps}")
     if args.over_sampling_batch_size is None:
         args.over_sampling_batch_size = args.rollout_batch_size
     elif args.rollout_batch_size is not None and args.over_sampling_batch_size < args.rollout_batch_size:
