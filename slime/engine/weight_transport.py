@@ -1,0 +1,183 @@
+"""Move named weight tensors from a trainer to an engine: by reference (tensors) or by broadcast (process group).
+
+    payload = {"serialized_named_tensors": [serialize_named_tensors(named)], "flush_cache": True, "weight_version": "3"}
+    handle = init_weights_update_group("127.0.0.1", 29600, rank=0, world_size=2, group_name="g", backend="gloo")
+    broadcast_tensors(handle, [t for _, t in named], src=0); destroy(handle)
+
+Both sides import this module: the trainer serialises / broadcasts, the engine server deserialises /
+receives (`slime/engine/server.py`). Tensors travel as base64 of `multiprocessing.reduction.ForkingPickler`
+bytes with torch's reductions: CUDA IPC handles on GPU, shared-memory files ("file_system" sharing
+strategy, set process-wide here) on CPU. The sender must keep its tensors alive until the receiving
+HTTP call has returned. Process groups made here are standalone (own TCPStore, own gloo / NCCL
+backend object): the default process group of either side is never touched, so a trainer that
+already runs torch.distributed can still join an engine. `destroy` is local (it never waits for the
+other ranks), so each side may leave in any order.
+"""
+
+from __future__ import annotations
+
+import base64
+import pickle
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing  # noqa: F401  (registers torch's ForkingPickler reductions)
+from multiprocessing.reduction import ForkingPickler
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "half": torch.float16, "fp16": torch.float16,
+    "float64": torch.float64, "int64": torch.int64, "int32": torch.int32, "int8": torch.int8,
+    "uint8": torch.uint8, "bool": torch.bool,
+    "float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2,
+}
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    """`"torch.bfloat16"` / `"bfloat16"` / `"bf16"` -> torch.bfloat16; ValueError naming the string otherwise."""
+    key = name.removeprefix("torch.")
+    if key not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r} in weight update request (known: {sorted(DTYPES)})")
+    return DTYPES[key]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _use_file_system_sharing() -> None:
+    # "file_descriptor" passes fds over a unix socket, which an HTTP body cannot carry; "file_system"
+    # names the shared-memory file so any process on the host can open it.
+    if torch.multiprocessing.get_sharing_strategy() != "file_system":
+        torch.multiprocessing.set_sharing_strategy("file_system")
+
+
+def serialize_named_tensors(named_tensors: Sequence[tuple[str, torch.Tensor]]) -> str:
+    """Base64 of ForkingPickler bytes of `[(name, tensor), ...]`; CPU tensors are moved to shared memory."""
+    _use_file_system_sharing()
+    items = [(str(name), tensor.detach()) for name, tensor in named_tensors]
+    return base64.b64encode(ForkingPickler.dumps(items, pickle.HIGHEST_PROTOCOL)).decode("ascii")
+
+
+def deserialize_named_tensors(payload: str | bytes) -> list[tuple[str, torch.Tensor]]:
+    """Inverse of `serialize_named_tensors`, in any process on the same host (same GPU for CUDA)."""
+    _use_file_system_sharing()
+    try:
+        raw = base64.b64decode(payload, validate=True)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"serialized_named_tensors is not valid base64: {e}") from e
+    try:
+        items = pickle.loads(raw)
+    except Exception as e:  # unpickling failures come in many types (EOFError, RuntimeError for a gone shm file, ...)
+        raise ValueError(f"serialized_named_tensors could not be unpickled: {type(e).__name__}: {e}") from e
+    if not isinstance(items, list) or not all(
+        isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str) and isinstance(item[1], torch.Tensor)
+        for item in items
+    ):
+        raise ValueError("serialized_named_tensors must hold a list of (name, tensor) pairs")
+    return items
+
+
+@dataclass
+class WeightUpdateGroup:
+    """A standalone process group between trainer rank 0 and the engine ranks."""
+
+    group_name: str
+    rank: int
+    world_size: int
+    backend: str
+    device: torch.device
+    process_group: Any
+    store: Any = field(repr=False)
+
+
+def init_weights_update_group(
+    master_address: str,
+    master_port: int,
+    rank: int,
+    world_size: int,
+    group_name: str,
+    backend: str = "gloo",
+    timeout_s: float = 300.0,
+    device: str | torch.device | None = None,
+) -> WeightUpdateGroup:
+    """Join (rank 0: create) the group; blocks until all `world_size` ranks have joined.
+
+    Rank 0 hosts the TCPStore at `master_address:master_port`. The default process group is not used.
+    `device` is where received tensors are allocated for nccl (default: the current CUDA device).
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world_size {world_size} (check rank_offset / world_size)")
+    backend = backend.lower()
+    timeout = timedelta(seconds=timeout_s)
+    store = dist.TCPStore(master_address, int(master_port), world_size, is_master=(rank == 0),
+                          timeout=timeout, wait_for_workers=False)
+    prefixed = dist.PrefixStore(f"slime_weights_update/{group_name}", store)
+    if backend == "gloo":
+        process_group = dist.ProcessGroupGloo(prefixed, rank, world_size, timeout)
+        device = torch.device("cpu")
+    elif backend == "nccl":
+        if not torch.cuda.is_available():
+            raise ValueError("backend 'nccl' needs CUDA; use backend 'gloo' on CPU")
+        options = dist.ProcessGroupNCCL.Options()
+        options._timeout = timeout
+        process_group = dist.ProcessGroupNCCL(prefixed, rank, world_size, options)
+        device = torch.device(device) if device is not None else torch.device("cuda", torch.cuda.current_device())
+        if device.type != "cuda":
+            raise ValueError(f"backend 'nccl' needs a CUDA device, got {device}")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        torch.cuda.set_device(device)
+    else:
+        raise ValueError(f"unknown backend {backend!r} for the weight update group (use 'gloo' or 'nccl')")
+    return WeightUpdateGroup(group_name, rank, world_size, backend, device, process_group, store)
+
+
+def broadcast_tensors(handle: WeightUpdateGroup, tensors: Iterable[torch.Tensor], src: int = 0) -> None:
+    """Broadcast each tensor in order from `src`; receivers pass pre-allocated tensors that are filled in place."""
+    for tensor in tensors:
+        if tensor.device != handle.device:
+            raise ValueError(f"tensor on {tensor.device} cannot travel over a {handle.backend} group on {handle.device}")
+        work = handle.process_group.broadcast([tensor if tensor.is_contiguous() else tensor.contiguous()],
+                                              _broadcast_options(src))
+        work.wait()
+
+
+def receive_named_tensors(
+    handle: WeightUpdateGroup, names: Sequence[str], dtypes: Sequence[str], shapes: Sequence[Sequence[int]], src: int = 0
+) -> list[tuple[str, torch.Tensor]]:
+    """Engine side of `/update_weights_from_distributed`: allocate, then receive each tensor from `src`."""
+    if not (len(names) == len(dtypes) == len(shapes)):
+        raise ValueError(f"names, dtypes and shapes differ in length ({len(names)}, {len(dtypes)}, {len(shapes)})")
+    tensors = [torch.empty(tuple(int(d) for d in shape), dtype=dtype_from_name(dt), device=handle.device)
+               for dt, shape in zip(dtypes, shapes)]
+    broadcast_tensors(handle, tensors, src=src)
+    return list(zip(names, tensors))
+
+
+def destroy(handle: WeightUpdateGroup) -> None:
+    """Leave the group without waiting for the other ranks; the handle is unusable afterwards."""
+    group = handle.process_group
+    handle.process_group = None
+    handle.store = None
+    if group is None:
+        return
+    if handle.backend == "nccl":
+        torch.cuda.synchronize(handle.device)  # let our last broadcast finish before the communicator goes
+        group.abort()  # local; ncclCommFinalize (shutdown) would wait for the peers
+        return
+    try:
+        group.shutdown()
+    except RuntimeError:
+        pass  # gloo builds without shutdown support raise here; dropping the object frees it
+
+
+def _broadcast_options(src: int) -> Any:
+    options = dist.BroadcastOptions()
+    options.rootRank = src
+    options.rootTensor = 0
+    return options
