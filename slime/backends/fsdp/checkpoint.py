@@ -1,0 +1,164 @@
+"""Training checkpoints with torch.distributed.checkpoint, written atomically; and Hugging Face export.
+
+    from slime.backends.fsdp.checkpoint import save_checkpoint, load_checkpoint, save_hf_checkpoint
+
+Layout under `--save`:
+    iter_0000007/            DCP shards of {"model", "optim"} (optim absent with --no-save-optim)
+        trainer_state.pt     scheduler state, weight version, whether optim was saved (rank 0)
+        rng_rank{r}.pt       python / numpy / torch (/ cuda) RNG states of rank r
+    latest_checkpointed_iteration.txt   "7"
+Every rank writes into `iter_0000007.tmp/`; after a barrier rank 0 renames it to `iter_0000007/`
+and then rewrites the tracker file (via a temporary file and os.replace), so a crash never
+leaves a half-written directory that `--load` would pick up.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
+
+TRACKER = "latest_checkpointed_iteration.txt"
+
+
+def iteration_dir(root: str | os.PathLike, iteration: int) -> Path:
+    return Path(root) / f"iter_{iteration:07d}"
+
+
+def latest_iteration(root: str | os.PathLike | None) -> int | None:
+    """The iteration recorded in `root/latest_checkpointed_iteration.txt`, or None when there is none."""
+    if not root:
+        return None
+    tracker = Path(root) / TRACKER
+    if not tracker.exists():
+        return None
+    text = tracker.read_text().strip()
+    try:
+        iteration = int(text)
+    except ValueError:
+        raise ValueError(f"--load {root}: {TRACKER} holds {text!r}, expected an iteration number") from None
+    if not iteration_dir(root, iteration).is_dir():
+        raise ValueError(f"--load {root}: {TRACKER} names iteration {iteration} but {iteration_dir(root, iteration)} "
+                         "does not exist")
+    return iteration
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_checkpoint(root: str | os.PathLike, iteration: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    trainer_state: dict[str, Any], *, save_optim: bool = True) -> Path:
+    """Collective over all ranks. Returns the final directory."""
+    final = iteration_dir(root, iteration)
+    tmp = final.with_name(final.name + ".tmp")
+    rank = dist.get_rank()
+    if rank == 0:
+        Path(root).mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    state: dict[str, Any] = {"model": get_model_state_dict(model)}
+    if save_optim:
+        state["optim"] = get_optimizer_state_dict(model, optimizer)
+    dcp.save(state, checkpoint_id=str(tmp))
+    torch.save(_rng_state(), tmp / f"rng_rank{rank}.pt")
+    if rank == 0:
+        torch.save(dict(trainer_state, has_optim=save_optim, world_size=dist.get_world_size()),
+                   tmp / "trainer_state.pt")
+    dist.barrier()
+    if rank == 0:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        tracker_tmp = Path(root) / (TRACKER + ".tmp")
+        tracker_tmp.write_text(str(iteration))
+        os.replace(tracker_tmp, Path(root) / TRACKER)
+    dist.barrier()
+    return final
+
+
+def load_model_weights(path: str | os.PathLike, model: nn.Module) -> None:
+    """Only the model weights of a checkpoint directory (for --ref-load)."""
+    state = {"model": get_model_state_dict(model)}
+    dcp.load(state, checkpoint_id=str(path))
+    set_model_state_dict(model, state["model"])
+
+
+def load_checkpoint(root: str | os.PathLike, iteration: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    *, load_optim: bool = True) -> dict[str, Any]:
+    """Restore model (+ optimizer when saved) and this rank's RNG; returns the trainer state dict."""
+    path = iteration_dir(root, iteration)
+    trainer_state = torch.load(path / "trainer_state.pt", weights_only=False)
+    state: dict[str, Any] = {"model": get_model_state_dict(model)}
+    with_optim = load_optim and trainer_state.get("has_optim", False)
+    if with_optim:
+        state["optim"] = get_optimizer_state_dict(model, optimizer)
+    dcp.load(state, checkpoint_id=str(path))
+    set_model_state_dict(model, state["model"])
+    if with_optim:
+        set_optimizer_state_dict(model, optimizer, state["optim"])
+    rng_file = path / f"rng_rank{dist.get_rank()}.pt"
+    if rng_file.exists():
+        _set_rng_state(torch.load(rng_file, weights_only=False))
+    trainer_state["loaded_optim"] = with_optim
+    return trainer_state
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Full (unsharded) CPU tensors on rank 0, empty elsewhere. Collective."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=options)
+
+
+def save_hf_checkpoint(path: str | os.PathLike, model: nn.Module, hf_model: nn.Module, source_dir: str | None,
+                       name_map=lambda n: n) -> None:
+    """Write a checkpoint that AutoModelForCausalLM.from_pretrained loads (collective; rank 0 writes).
+
+    Weights are cast to the dtype of the source config; tokenizer files are copied from `source_dir`."""
+    state = full_state_dict(model)
+    if dist.get_rank() == 0:
+        out = Path(path)
+        out.mkdir(parents=True, exist_ok=True)
+        dtype = getattr(hf_model.config, "dtype", None) or torch.float32
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype)
+        hf_state = {name_map(k): v.to(dtype) for k, v in state.items()}
+        if getattr(hf_model.config, "tie_word_embeddings", False):
+            hf_state.pop("lm_head.weight", None)
+        from safetensors.torch import save_file
+
+        hf_model.config.save_pretrained(str(out))
+        if getattr(hf_model, "generation_config", None) is not None:
+            hf_model.generation_config.save_pretrained(str(out))
+        save_file({k: v.contiguous() for k, v in hf_state.items()}, str(out / "model.safetensors"),
+                  metadata={"format": "pt"})
+        if source_dir:
+            for f in Path(source_dir).iterdir():
+                if f.is_file() and (f.name.startswith("tokenizer") or f.name in ("special_tokens_map.json",
+                                                                                 "vocab.json", "merges.txt",
+                                                                                 "chat_template.jinja")):
+                    shutil.copy2(f, out / f.name)
+    dist.barrier()
