@@ -249,7 +249,7 @@ def test_validation_rule_names_the_flag(argv, message, capsys):
         (["--keep-old-actor"], "not supported yet: --keep-old-actor"),
         (["--advantage-estimator", "ppo"], "not supported yet: --advantage-estimator ppo"),
         (["--async-save"], "not supported yet: --async-save"),
-        (["--ref-update-interval", "2"], "not supported yet: --ref-update-interval"),
+        (["--dump-details", "/tmp/d"], "not supported yet: --dump-details"),
         (["--memory-snapshot-dir", "/tmp/x"], "not supported yet: --memory-snapshot-dir"),
         (["--num-critic-only-steps", "1"], "not supported yet: --num-critic-only-steps"),
         (["--tensor-model-parallel-size", "2"], "not supported yet: --tensor-model-parallel-size under --train-backend fsdp"),

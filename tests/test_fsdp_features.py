@@ -26,6 +26,15 @@ def sft_like_custom_loss(args, batch, logits, sum_of_sample_mean):
     return loss, {"custom_nll": loss.detach()}
 
 
+POSTPROCESS_SEEN: list = []
+
+
+def zero_advantages(args, rollout_id, rollout_data):
+    """A --rollout-data-postprocess-path plugin (original signature) that silences the policy gradient."""
+    POSTPROCESS_SEEN.append((rollout_id, sorted(k for k in ("advantages", "log_probs", "returns") if k in rollout_data)))
+    rollout_data["advantages"] = [a * 0 for a in rollout_data["advantages"]]
+
+
 def _params(trainer) -> dict[str, torch.Tensor]:
     return {n: t.clone() for b in trainer.export_weights(1 << 20) for n, t in b}
 
@@ -46,6 +55,16 @@ def _features(rank: int, world_size: int, model_dir: str, other_model_dir: str) 
     before = _params(trainer)
     trainer.train(0, data)
     out["freeze_diff"] = _max_diff(_params(trainer), before)
+
+    # --rollout-data-postprocess-path runs after advantages, before the optimizer steps
+    post_args = make_args(model_dir, **BASE)
+    post_args.rollout_data_postprocess_path = "test_fsdp_features.zero_advantages"
+    trainer = FSDPTrainer(post_args)
+    trainer.init()
+    before = _params(trainer)
+    trainer.train(3, data)
+    out["postprocess_diff"] = _max_diff(_params(trainer), before)
+    out["postprocess_seen"] = list(POSTPROCESS_SEEN)
 
     # offload / onload round trip keeps params and optimizer state; training continues identically
     trainer = FSDPTrainer(make_args(model_dir, **BASE))
@@ -135,6 +154,9 @@ def test_trainer_features(tmp_path, tiny_model_factory):
     trained = {n: d for n, d in out["freeze_diff"].items() if "layers.1.mlp" in n}
     assert len(trained) == 3 and all(d > 0 for d in trained.values())
     assert all(d == 0 for d in frozen.values())
+
+    assert out["postprocess_seen"] == [(3, ["advantages", "log_probs", "returns"])]
+    assert max(out["postprocess_diff"].values()) == 0.0  # zeroed advantages: no update
 
     assert out["offloaded_devices"] == ["cpu"]
     assert out["offload_params_equal"] and out["offload_optim_equal"] and out["offload_then_train_equal"]

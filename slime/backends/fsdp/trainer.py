@@ -31,6 +31,7 @@ from torch.distributed.tensor import DTensor
 
 from slime.algo.reduce import get_sum_of_sample_mean
 from slime.algo.rl_loss import EXTREMUM_METRICS, compute_advantages_from_args, compute_rl_loss
+from slime.rollout.train_data import apply_rollout_data_postprocess
 from slime.backends.fsdp import checkpoint as ckpt
 from slime.backends.fsdp.batching import pack_samples, plan_micro_batches, split_into_steps, validate_rollout_data
 from slime.backends.fsdp.distributed import all_reduce_max, all_reduce_sums, build_mesh, ensure_process_group
@@ -256,6 +257,7 @@ class FSDPTrainer:
             with swapped_in(self.model, self.ref_shards):
                 batch["ref_log_probs"] = self._log_probs_of(batch)[0]
         compute_advantages_from_args(args, batch)
+        apply_rollout_data_postprocess(args, rollout_id, batch)  # --rollout-data-postprocess-path sees log-probs + advantages
 
         steps = split_into_steps(len(batch["tokens"]), steps_per_rollout(args))
         step_metrics = [self._train_step(_select(batch, indices)) for indices in steps]

@@ -20,7 +20,6 @@ NOT_SUPPORTED_YET: dict[str, Any] = {
     "--check-weight-update-equal": False,
     "--async-save": False,
     "--num-critic-only-steps": 0,
-    "--ref-update-interval": None,
     "--eval-config": None,
     "--http-proxy": None,
     "--dump-details": None,
