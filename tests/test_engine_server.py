@@ -192,6 +192,17 @@ def test_stop_strings_trim_and_no_stop_trim(server, tokenizer):
     assert kept["output_ids"] == trimmed["output_ids"]
 
 
+def test_stop_strings_under_concurrency_never_report_abort(server):
+    """A stop string aborts the request inside the engine; the engine's own abort output must not win the race."""
+    base = {"temperature": 1.0, "max_new_tokens": 32, "ignore_eos": True, "stop": ["a", "e", "o", "1", " "]}
+    payload = {"text": [f"race {i}" for i in range(40)],
+               "sampling_params": base}
+    results = generate(server, payload)
+    reasons = [r["meta_info"]["finish_reason"]["type"] for r in results]
+    assert "abort" not in reasons, reasons
+    assert reasons.count("stop") >= 10, reasons
+
+
 def test_stop_token_ids(server, tokenizer):
     base = {"temperature": 1.0, "max_new_tokens": 16, "sampling_seed": 77, "ignore_eos": False}
     full = generate(server, {"input_ids": [30, 31, 32], "sampling_params": {**base, "ignore_eos": True}})

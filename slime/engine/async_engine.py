@@ -42,8 +42,8 @@ class RequestState:
     weight_version: str = "default"
     created_at: float = field(default_factory=time.perf_counter)
 
-    def apply(self, out: Any, weight_version: str) -> None:
-        """Fold one engine TokenOutput (this step's new tokens only) in."""
+    def apply(self, out: Any, weight_version: str, abort_reason: dict | None = None) -> None:
+        """Fold one engine TokenOutput (this step's new tokens only) in; an abort we asked for ends with our reason."""
         self.output_ids.extend(out.token_ids)
         self.logprobs.extend(out.logprobs)
         self.prompt_tokens = out.prompt_tokens or self.prompt_tokens
@@ -51,7 +51,8 @@ class RequestState:
         self.weight_version = weight_version
         if out.finished:
             self.finished = True
-            self.finish_reason = out.finish_reason
+            aborted = (out.finish_reason or {}).get("type") == "abort"
+            self.finish_reason = abort_reason if aborted and abort_reason is not None else out.finish_reason
 
 
 class RequestStream:
@@ -59,6 +60,7 @@ class RequestStream:
 
     def __init__(self, request_id: str, prompt_tokens: int):
         self.state = RequestState(request_id, prompt_tokens=prompt_tokens)
+        self.abort_reason: dict | None = None  # set before the engine is told, so its abort output cannot win
         self._updates: asyncio.Queue[RequestState | None] = asyncio.Queue()
         self.closed = False
 
@@ -196,6 +198,7 @@ class AsyncEngine:
         stream = self._streams.get(request_id)
         if stream is None:
             return False
+        stream.abort_reason = finish_reason
         await self.call(lambda engine: engine.abort_request(request_id))
         self._finish_stream(stream, finish_reason or {"type": "abort", "message": "Abort requested"})
         return True
@@ -320,7 +323,7 @@ class AsyncEngine:
             stream = self._streams.get(out.request_id)
             if stream is None:
                 continue  # aborted or cancelled at the edge already
-            stream.state.apply(out, weight_version)
+            stream.state.apply(out, weight_version, stream.abort_reason)
             stream._push()
             if stream.state.finished:
                 self._streams.pop(out.request_id, None)
