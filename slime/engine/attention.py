@@ -32,6 +32,7 @@ class AttentionMetadata:
     context_lens_tensor: torch.Tensor | None = None  # int32 [seqs]
     query_start_loc: torch.Tensor | None = None  # int32 [seqs + 1]
     max_query_len: int | None = None
+    block_table_rows: torch.Tensor | None = None  # decode, CUDA graphs: sequence i uses block_tables[rows[i]]
 
 
 class AttentionBackend(Protocol):

@@ -11,7 +11,8 @@ sized from `kv_cache_tokens` (CPU default 32768 tokens, fewer if they would pass
 device memory minus what is already used (weights included).
 
 Backends: the torch reference attention and sampler everywhere; on CUDA with Triton installed, the
-Triton paged-attention kernels, the fused Gumbel sampler for untruncated rows, and (unless
+Triton paged-attention kernels, fused RMSNorm / q-k norm + RoPE / SiLU-and-mul kernels
+(`slime.engine.kernels.fused_ops`), the fused Gumbel sampler for untruncated rows, and (unless
 `enforce_eager`) decode steps replayed from CUDA graphs, captured lazily at the first decode and
 dropped whenever the KV cache or the weights are reallocated.
 """
@@ -64,6 +65,11 @@ class ModelRunner:
         with torch.device(self.device):
             self.model = model_cls(hf_config, variant, self.dtype, attention, max_positions)
         self.model.eval()
+        self.fused_ops = False
+        if fast_gpu:
+            from slime.engine.kernels.fused_ops import use_fused_ops
+
+            self.fused_ops = use_fused_ops(self.model)  # one kernel per RMSNorm / q-k norm + RoPE / SiLU-and-mul
         missing = self.model.missing_weights(self.model.load_weights(iterate_checkpoint(config.model_path)))
         if missing:
             raise ValueError(f"checkpoint {config.model_path!r} lacks weights: {sorted(missing)[:8]}"

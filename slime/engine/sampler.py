@@ -75,7 +75,11 @@ class SamplingTensors:
         greedy = [p.is_greedy for p in params]
         top_k = [vocab_size if p.top_k == -1 else min(p.top_k, vocab_size) for p in params]
 
+        on_gpu = torch.device(device).type == "cuda"
+
         def tensor(values: list, dtype: torch.dtype) -> torch.Tensor:
+            if on_gpu:  # pinned staging + async copy: building overlaps a decode step already on the GPU
+                return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
             return torch.tensor(values, dtype=dtype, device=device)
 
         return cls(
@@ -99,7 +103,7 @@ class Sampler:
         if self.fused_gpu_sampling and not (t.needs_top_k or t.needs_top_p or t.needs_min_p):
             from slime.engine.kernels.sampling import gumbel_sample
 
-            return gumbel_sample(logits.contiguous(), t.temperatures, t.greedy, row_hashes(t.seeds, t.positions))
+            return gumbel_sample(logits.contiguous(), t.temperatures, t.greedy, t.seeds, t.positions)
         logits = logits.float()
         logprobs = torch.log_softmax(logits / t.temperatures[:, None], dim=-1)
         greedy_tokens = logits.argmax(dim=-1)

@@ -26,9 +26,8 @@ import triton.language as tl
 from slime.engine.attention import AttentionMetadata
 
 LOG2E = 1.4426950408889634
-DECODE_BLOCK_N = 64
-PREFILL_BLOCK_M = 64
-PREFILL_BLOCK_N = 64
+DECODE_BLOCK_N, DECODE_WARPS, DECODE_STAGES, DECODE_HEADS_FASTEST = 64, 4, 3, True  # tuned on H100
+PREFILL_BLOCK_M, PREFILL_BLOCK_N, PREFILL_WARPS, PREFILL_STAGES = 128, 32, 4, 3  # tuned on H100
 MAX_DECODE_SPLITS = 16
 
 
@@ -46,14 +45,19 @@ def _store_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, stride_k,
         tl.store(v_cache_ptr + slot * ROW + offs, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
-def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, out_ptr,
+@triton.jit(do_not_specialize=["stride_bt"])
+def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, table_rows_ptr, context_lens_ptr, out_ptr,
                    part_out_ptr, part_lse_ptr, scale_log2, stride_qt, stride_qh, stride_bt, stride_ot, stride_oh,
                    NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
                    HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-                   NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr):
-    seq = tl.program_id(0)
-    kv_head = tl.program_id(1)
+                   NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr, HEADS_FASTEST: tl.constexpr,
+                   HAS_TABLE_ROWS: tl.constexpr):
+    if HEADS_FASTEST:  # the KV heads of one sequence run side by side and read whole cache rows together
+        kv_head = tl.program_id(0)
+        seq = tl.program_id(1)
+    else:
+        seq = tl.program_id(0)
+        kv_head = tl.program_id(1)
     split = tl.program_id(2)
     context_len = tl.load(context_lens_ptr + seq)
     per_split = tl.cdiv(tl.cdiv(context_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
@@ -72,7 +76,10 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_le
     l = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, DIM_PAD], tl.float32)
     row = NUM_KV_HEADS * HEAD_DIM
-    table = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    if HAS_TABLE_ROWS:  # persistent tables: this sequence's row in block_tables
+        table = block_tables_ptr + tl.load(table_rows_ptr + seq).to(tl.int64) * stride_bt
+    else:
+        table = block_tables_ptr + seq.to(tl.int64) * stride_bt
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_mask = offs_n < end
@@ -127,7 +134,7 @@ def _merge_splits_kernel(part_out_ptr, part_lse_ptr, out_ptr, stride_ot, stride_
              mask=offs_d < HEAD_DIM)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt"])
 def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, query_start_ptr, context_lens_ptr,
                     scale_log2, stride_qt, stride_qh, stride_bt, stride_ot, stride_oh,
                     NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr,
@@ -210,8 +217,13 @@ def decode_splits(num_seqs: int, num_kv_heads: int, device: torch.device) -> int
 
 
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                 context_lens: torch.Tensor, scale: float, num_splits: int | None = None) -> torch.Tensor:
-    """One query token per sequence. q [seqs, heads, head_dim] -> [seqs, heads, head_dim] in q's dtype."""
+                 context_lens: torch.Tensor, scale: float, num_splits: int | None = None,
+                 table_rows: torch.Tensor | None = None,
+                 block_n: int = DECODE_BLOCK_N, num_warps: int = DECODE_WARPS,
+                 num_stages: int = DECODE_STAGES, heads_fastest: bool = DECODE_HEADS_FASTEST) -> torch.Tensor:
+    """One query token per sequence. q [seqs, heads, head_dim] -> [seqs, heads, head_dim] in q's dtype.
+
+    Sequence i's block table is `block_tables[i]`, or `block_tables[table_rows[i]]` when given."""
     seqs, heads, head_dim = q.shape
     _, block_size, kv_heads, cache_dim = k_cache.shape
     assert cache_dim == head_dim and heads % kv_heads == 0 and q.stride(-1) == 1
@@ -224,12 +236,15 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         part_lse = torch.empty(seqs * heads * splits, dtype=torch.float32, device=q.device)
     else:
         part_out = part_lse = out  # unused
-    _decode_kernel[(seqs, kv_heads, splits)](
-        q, k_cache, v_cache, block_tables, context_lens, out, part_out, part_lse, scale * LOG2E,
+    grid = (kv_heads, seqs, splits) if heads_fastest else (seqs, kv_heads, splits)
+    _decode_kernel[grid](
+        q, k_cache, v_cache, block_tables, table_rows if table_rows is not None else context_lens, context_lens, out,
+        part_out, part_lse, scale * LOG2E,
         q.stride(0), q.stride(1), block_tables.stride(0), out.stride(0), out.stride(1),
         NUM_HEADS=heads, NUM_KV_HEADS=kv_heads, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
-        HEAD_DIM=head_dim, DIM_PAD=dim_pad, BLOCK_SIZE=block_size, BLOCK_N=DECODE_BLOCK_N, NUM_SPLITS=splits,
-        IEEE=k_cache.dtype == torch.float32, num_warps=4)
+        HEAD_DIM=head_dim, DIM_PAD=dim_pad, BLOCK_SIZE=block_size, BLOCK_N=block_n, NUM_SPLITS=splits,
+        IEEE=k_cache.dtype == torch.float32, HEADS_FASTEST=heads_fastest, HAS_TABLE_ROWS=table_rows is not None,
+        num_warps=num_warps, num_stages=num_stages)
     if splits > 1:
         _merge_splits_kernel[(seqs, heads)](part_out, part_lse, out, out.stride(0), out.stride(1), NUM_HEADS=heads,
                                             HEAD_DIM=head_dim, DIM_PAD=dim_pad, NUM_SPLITS=splits, num_warps=4)
@@ -237,8 +252,9 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
 
 
 def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                  query_start_loc: torch.Tensor, context_lens: torch.Tensor, max_query_len: int,
-                  scale: float) -> torch.Tensor:
+                  query_start_loc: torch.Tensor, context_lens: torch.Tensor, max_query_len: int, scale: float,
+                  block_m: int = PREFILL_BLOCK_M, block_n: int = PREFILL_BLOCK_N, num_warps: int = PREFILL_WARPS,
+                  num_stages: int = PREFILL_STAGES) -> torch.Tensor:
     """Causal attention of each sequence's new tokens (the last query_len of its context) to its cached context."""
     tokens, heads, head_dim = q.shape
     _, block_size, kv_heads, _ = k_cache.shape
@@ -246,13 +262,13 @@ def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     out = torch.empty_like(q)
     if tokens == 0:
         return out
-    grid = (triton.cdiv(max_query_len, PREFILL_BLOCK_M), seqs, heads)
+    grid = (triton.cdiv(max_query_len, block_m), seqs, heads)
     _prefill_kernel[grid](
         q, k_cache, v_cache, out, block_tables, query_start_loc, context_lens, scale * LOG2E,
         q.stride(0), q.stride(1), block_tables.stride(0), out.stride(0), out.stride(1),
         NUM_KV_HEADS=kv_heads, GROUP=heads // kv_heads, HEAD_DIM=head_dim, DIM_PAD=triton.next_power_of_2(head_dim),
-        BLOCK_SIZE=block_size, BLOCK_M=PREFILL_BLOCK_M, BLOCK_N=PREFILL_BLOCK_N, IEEE=k_cache.dtype == torch.float32,
-        num_warps=4, num_stages=2)
+        BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n, IEEE=k_cache.dtype == torch.float32,
+        num_warps=num_warps, num_stages=num_stages)
     return out
 
 
@@ -288,4 +304,5 @@ class TritonPagedAttention:
         if meta.is_prefill:
             return paged_prefill(q, k_cache, v_cache, meta.block_tables, query_start, context_lens, max_query_len,
                                  scale)
-        return paged_decode(q, k_cache, v_cache, meta.block_tables, context_lens, scale)
+        return paged_decode(q, k_cache, v_cache, meta.block_tables, context_lens, scale,
+                            table_rows=meta.block_table_rows)

@@ -1,14 +1,15 @@
 """One-pass GPU sampling for rows without top-k/top-p/min-p: Gumbel-max race plus the token's log-prob.
 
     from slime.engine.kernels.sampling import gumbel_sample
-    tokens, logprobs = gumbel_sample(logits, temperatures, greedy, row_hashes)
+    tokens, logprobs = gumbel_sample(logits, temperatures, greedy, seeds, positions)
 
 Computes what `slime.engine.sampler.Sampler` computes for untruncated rows, reading the logits once
 and writing two numbers per row (no [rows, vocab] temporaries): the Gumbel noise is the same
-counter-based hash of (seed, output position, vocab index) (`row_hashes` from `sampler_row_hashes`),
-so a given seed picks the same token on either path up to float ties; greedy rows take the argmax;
-log-probs are `log_softmax(logits / T)` at the chosen token (T = 1 for greedy rows). Nothing syncs
-with the host, so it can sit inside a CUDA graph.
+counter-based hash of (seed, output position, vocab index) as `slime.engine.sampler.uniform_noise`
+(its row term, `row_hashes`, is computed in the kernel), so a given seed picks the same token on
+either path up to float ties; greedy rows take the argmax; log-probs are `log_softmax(logits / T)`
+at the chosen token (T = 1 for greedy rows). Nothing syncs with the host, so it can sit inside a
+CUDA graph.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import torch
 import triton
 import triton.language as tl
 
-_MASK32 = 0xFFFFFFFF
 SAMPLE_BLOCK_V = 2048
 
 
@@ -32,13 +32,17 @@ def _mix32(x):
 
 
 @triton.jit
-def _gumbel_sample_kernel(logits_ptr, temperature_ptr, greedy_ptr, row_hash_ptr, token_ptr, logprob_ptr,
+def _gumbel_sample_kernel(logits_ptr, temperature_ptr, greedy_ptr, seed_ptr, position_ptr, token_ptr, logprob_ptr,
                           stride_row, vocab_size, BLOCK_V: tl.constexpr):
     row = tl.program_id(0)
     base = logits_ptr + row.to(tl.int64) * stride_row
     temperature = tl.load(temperature_ptr + row)
     is_greedy = tl.load(greedy_ptr + row) != 0
-    row_hash = tl.load(row_hash_ptr + row).to(tl.uint32)
+    seed = tl.load(seed_ptr + row).to(tl.int64)
+    position = tl.load(position_ptr + row).to(tl.int64)
+    row_hash = _mix32((seed & 0xFFFFFFFF).to(tl.uint32) ^ 0x9E3779B9)  # = slime.engine.sampler.row_hashes
+    row_hash = _mix32(row_hash ^ ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32))
+    row_hash = _mix32(row_hash ^ (position & 0xFFFFFFFF).to(tl.uint32))
     run_max = tl.full([BLOCK_V], float("-inf"), tl.float32)
     run_sum = tl.zeros([BLOCK_V], tl.float32)
     best_score = tl.full([BLOCK_V], float("-inf"), tl.float32)
@@ -70,18 +74,8 @@ def _gumbel_sample_kernel(logits_ptr, temperature_ptr, greedy_ptr, row_hash_ptr,
     tl.store(logprob_ptr + row, chosen - top - tl.log(total))
 
 
-def sampler_row_hashes(seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """Per-row uint32 (in int64) hash of (seed, position), identical to the row term of `uniform_noise`."""
-    from slime.engine.sampler import _mix32 as torch_mix32
-
-    seeds = seeds.to(torch.int64)
-    row = torch_mix32((seeds & _MASK32) ^ 0x9E3779B9)
-    row = torch_mix32(row ^ ((seeds >> 32) & _MASK32))
-    return torch_mix32(row ^ (positions.to(torch.int64) & _MASK32))
-
-
-def gumbel_sample(logits: torch.Tensor, temperatures: torch.Tensor, greedy: torch.Tensor,
-                  row_hashes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def gumbel_sample(logits: torch.Tensor, temperatures: torch.Tensor, greedy: torch.Tensor, seeds: torch.Tensor,
+                  positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [rows, vocab] (any float dtype) -> (token ids int64 [rows], log-probs float32 [rows])."""
     rows, vocab = logits.shape
     assert logits.stride(-1) == 1
@@ -89,6 +83,6 @@ def gumbel_sample(logits: torch.Tensor, temperatures: torch.Tensor, greedy: torc
     logprobs = torch.empty(rows, dtype=torch.float32, device=logits.device)
     if rows == 0:
         return tokens, logprobs
-    _gumbel_sample_kernel[(rows,)](logits, temperatures.to(torch.float32), greedy.to(torch.int8), row_hashes,
+    _gumbel_sample_kernel[(rows,)](logits, temperatures.to(torch.float32), greedy.to(torch.int8), seeds, positions,
                                    tokens, logprobs, logits.stride(0), vocab, BLOCK_V=SAMPLE_BLOCK_V, num_warps=8)
     return tokens, logprobs
