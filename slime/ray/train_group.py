@@ -1,0 +1,190 @@
+"""The train actor group: one Ray actor per train rank, torch.distributed (gloo on CPU, NCCL on GPU) among them.
+
+    group = TrainGroup(args, placement); start_rollout_id = group.init()
+    metrics = group.train(rollout_id, rollout_data)      # the dict is split across ranks here
+    group.update_weights(engines)                        # see slime/ray/weight_sync.py
+
+Each actor wraps `slime.backends.fsdp.trainer.FSDPTrainer` (docs/internals.md). Rank 0 is created
+first and names the rendezvous address (its node IP and a free port) for the others.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import logging
+import os
+import socket
+from typing import Any
+
+import ray
+
+from slime.ray.data_split import split_rollout_data
+from slime.ray.placement import Placement
+
+logger = logging.getLogger(__name__)
+
+
+def free_port(host: str = "") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class TrainActor:
+    """One train rank. Created through `ray.remote(TrainActor)` by `TrainGroup`."""
+
+    def __init__(self, args: Any, rank: int, world_size: int) -> None:
+        self.args = args
+        self.rank = rank
+        self.world_size = world_size
+        self.trainer: Any = None
+        self.last_rollout_data: dict[str, Any] | None = None
+        self._weight_sync: Any = None
+        for key, value in (getattr(args, "train_env_vars", None) or {}).items():
+            os.environ[str(key)] = str(value)
+
+    def node_address(self) -> tuple[str, int]:
+        return ray.util.get_node_ip_address(), free_port()
+
+    def init(self, master_addr: str, master_port: int) -> int:
+        import torch
+        import torch.distributed as dist
+
+        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
+                          WORLD_SIZE=str(self.world_size), LOCAL_RANK="0")
+        use_cuda = torch.cuda.is_available() and bool(ray.get_gpu_ids())
+        backend = getattr(self.args, "distributed_backend", None) or ("nccl" if use_cuda else "gloo")
+        if use_cuda:
+            torch.cuda.set_device(0)  # Ray narrows CUDA_VISIBLE_DEVICES to this actor's GPU
+        timeout = datetime.timedelta(minutes=float(getattr(self.args, "distributed_timeout_minutes", 10) or 10))
+        dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port}", rank=self.rank,
+                                world_size=self.world_size, timeout=timeout)
+        if not use_cuda and getattr(self.args, "device", "cpu") == "cuda":
+            self.args.device = "cpu"
+        from slime.backends.fsdp.trainer import FSDPTrainer
+
+        self.trainer = FSDPTrainer(self.args, role="actor")
+        return int(self.trainer.init())
+
+    def train(self, rollout_id: int, rollout_data: dict[str, Any]) -> dict[str, Any]:
+        self.last_rollout_data = rollout_data
+        return dict(self.trainer.train(rollout_id, rollout_data) or {})
+
+    def get_last_rollout_data(self) -> dict[str, Any] | None:
+        return self.last_rollout_data
+
+    def compute_log_probs(self, rollout_data: dict[str, Any]) -> list[list[float]]:
+        return [t.detach().float().cpu().tolist() for t in self.trainer.compute_log_probs(rollout_data)]
+
+    def save(self, rollout_id: int) -> None:
+        self.trainer.save(rollout_id)
+
+    def save_hf(self, path: str) -> None:
+        self.trainer.save_hf(path)
+
+    def offload(self) -> None:
+        self.trainer.offload()
+
+    def onload(self) -> None:
+        self.trainer.onload()
+
+    def weight_version(self) -> int:
+        return int(self.trainer.weight_version)
+
+    def weights_digest(self) -> str:
+        """sha256 over every exported weight (names and bytes): equal digests mean equal weights."""
+        digest = hashlib.sha256()
+        for bucket in self.trainer.export_weights(64 * 1024 * 1024):
+            for name, tensor in bucket:
+                digest.update(name.encode())
+                digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()
+
+    def update_weights(self, engines: list[dict[str, Any]], mode: str) -> int:
+        from slime.ray.weight_sync import WeightSync
+
+        if self._weight_sync is None:
+            self._weight_sync = WeightSync(self.args, self.rank, mode)
+        return self._weight_sync.update(self.trainer, engines)
+
+    def shutdown(self) -> None:
+        import torch.distributed as dist
+
+        if self._weight_sync is not None:
+            self._weight_sync.close()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class TrainGroup:
+    """Driver-side handle on the train actors; every call fans out to all ranks and waits."""
+
+    def __init__(self, args: Any, placement: Placement) -> None:
+        self.args = args
+        self.world_size = len(placement.actor_bundles)
+        if self.world_size == 0:
+            raise ValueError("no train ranks placed: set --actor-num-nodes and --actor-num-gpus-per-node")
+        actor_cls = ray.remote(TrainActor)
+        gpu_share = 0.4 if placement.use_gpu else 0
+        self.actors = [
+            actor_cls.options(
+                num_cpus=0.5, num_gpus=gpu_share, scheduling_strategy=placement.actor_strategy(rank),
+                name=None, max_concurrency=2,
+            ).remote(args, rank, self.world_size)
+            for rank in range(self.world_size)
+        ]
+
+    def init(self) -> int:
+        master_addr, master_port = ray.get(self.actors[0].node_address.remote())
+        starts = ray.get([a.init.remote(master_addr, master_port) for a in self.actors])
+        if len(set(starts)) != 1:
+            raise RuntimeError(f"train ranks disagree on the rollout to resume from: {starts}")
+        return starts[0]
+
+    def _all(self, method: str, *args: Any) -> list[Any]:
+        return ray.get([getattr(a, method).remote(*args) for a in self.actors])
+
+    def train(self, rollout_id: int, rollout_data: dict[str, Any]) -> dict[str, Any]:
+        shards = split_rollout_data(rollout_data, self.world_size, getattr(self.args, "global_batch_size", None),
+                                    balance=bool(getattr(self.args, "balance_data", False)))
+        results = ray.get([a.train.remote(rollout_id, shard) for a, shard in zip(self.actors, shards)])
+        return results[0]
+
+    def save(self, rollout_id: int) -> None:
+        self._all("save", rollout_id)
+
+    def save_hf(self, path: str) -> None:
+        self._all("save_hf", path)
+
+    def offload(self) -> None:
+        self._all("offload")
+
+    def onload(self) -> None:
+        self._all("onload")
+
+    def update_weights(self, engines: list[dict[str, Any]], mode: str) -> int:
+        """Push weights to every engine, then check that each reports the trainer's version."""
+        from slime.ray.weight_sync import check_engine_versions
+
+        versions = self._all("update_weights", engines, mode)
+        check_engine_versions([e["url"] for e in engines], versions[0])
+        return versions[0]
+
+    def weights_digest(self) -> str:
+        return self._all("weights_digest")[0]
+
+    def compute_log_probs(self, rollout_data: dict[str, Any]) -> list[list[float]]:
+        shards = split_rollout_data(rollout_data, self.world_size, None)
+        parts = ray.get([a.compute_log_probs.remote(s) for a, s in zip(self.actors, shards)])
+        return [lp for part in parts for lp in part]
+
+    def last_rollout_data(self) -> list[dict[str, Any] | None]:
+        return self._all("get_last_rollout_data")
+
+    def shutdown(self) -> None:
+        try:
+            self._all("shutdown")
+        finally:
+            for actor in self.actors:
+                ray.kill(actor)

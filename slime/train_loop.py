@@ -1,0 +1,291 @@
+"""The RL loops behind `python train.py` (synchronous) and `python train_async.py` (one step off-policy).
+
+    python train.py --hf-checkpoint DIR --prompt-data train.jsonl --rollout-batch-size 8 --num-rollout 10 ...
+    slime train ... / slime train-async ...          # the same, through the console script
+
+Per rollout (DESIGN §3): eval if due -> generate -> (colocated: engines release memory, trainer onloads)
+-> train -> save if due -> weight sync if due -> (colocated: trainer offloads, engines resume).
+`run(args)` is the importable form; it returns a summary (last metrics, every eval).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import ray
+
+from slime.logging.metrics import MetricsLogger
+from slime.logging.progress import progress_bar
+from slime.logging.rollout_metrics import train_data_tokens
+from slime.logging.timer import PhaseTimer
+from slime.ray.placement import create_placement, init_ray
+from slime.ray.rollout_manager import create_rollout_manager
+from slime.ray.train_group import TrainGroup
+from slime.ray.weight_sync import weight_sync_mode
+
+logger = logging.getLogger(__name__)
+
+
+def add_loop_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("run outputs")
+    group.add_argument("--metrics-dir", type=str, default=None,
+                       help="Folder for metrics.jsonl (and tensorboard/ when --tb-project-name is unset); default --save.")
+
+
+def parse_train_args(argv: list[str] | None) -> argparse.Namespace:
+    from slime.utils.arguments import parse_args
+
+    return parse_args(argv, add_custom_arguments=add_loop_arguments)
+
+
+def check_rollout_backend(args: argparse.Namespace) -> None:
+    """Fail before Ray starts when --rollout-backend sglang is asked for but SGLang is not installed here."""
+    import importlib.util
+
+    from slime.ray.placement import needs_engines
+
+    if getattr(args, "rollout_backend", "builtin") == "sglang" and needs_engines(args):
+        if importlib.util.find_spec("sglang") is None:
+            raise ValueError("--rollout-backend sglang needs SGLang installed (pip install 'sglang[all]'); "
+                             "or use --rollout-backend builtin")
+
+
+@dataclass
+class RunSummary:
+    start_rollout_id: int
+    num_rollout: int
+    last_metrics: dict[str, float] = field(default_factory=dict)
+    evals: dict[int, dict[str, float]] = field(default_factory=dict)  # step (rollouts trained) -> eval metrics
+    weight_version: int | None = None
+
+
+class Run:
+    """Everything one training run holds: placement, rollout manager, train group, logger."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        check_rollout_backend(args)
+        self.started_ray = init_ray(args)
+        self.placement = create_placement(args)
+        self.manager = create_rollout_manager(args, self.placement)
+        self.trainer = None if args.debug_rollout_only else TrainGroup(args, self.placement)
+        self.engines: list[dict[str, Any]] = ray.get(self.manager.engine_endpoints.remote())
+        self.sync_mode = weight_sync_mode(args)
+        self.metrics = MetricsLogger.from_args(args)
+        self.timer = PhaseTimer()
+
+    # ---- set-up -------------------------------------------------------------------------------
+    def start(self) -> int:
+        args = self.args
+        start = int(getattr(args, "start_rollout_id", None) or 0)
+        if self.trainer is not None:
+            start = self.trainer.init()
+        resumed = start > 0 and bool(getattr(args, "load", None))
+        if resumed:
+            ray.get(self.manager.load.remote(start - 1))
+        elif self.trainer is None and getattr(args, "load", None):
+            ray.get(self.manager.load.remote(None))
+        if self.trainer is not None and self.engines and resumed:
+            self.trainer.update_weights(self.engines, self.sync_mode)  # engines start from --hf-checkpoint
+        if self.colocated_offload:
+            self.trainer.offload()
+        return start
+
+    @property
+    def colocated_offload(self) -> bool:
+        return bool(self.args.colocate and self.trainer is not None and self.engines and self.args.offload_train)
+
+    def num_rollout(self) -> int:
+        from slime.data.data_source import resolve_num_rollout
+
+        return resolve_num_rollout(self.args, ray.get(self.manager.dataset_size.remote()))
+
+    # ---- schedule -----------------------------------------------------------------------------
+    def eval_due(self, step: int, start: int, num_rollout: int) -> bool:
+        interval = getattr(self.args, "eval_interval", None)
+        if interval is None or not self.args.eval_prompt_data:
+            return False
+        if step == start:
+            return not getattr(self.args, "skip_eval_before_train", False)
+        return step % interval == 0 or step == num_rollout
+
+    def save_due(self, rollout_id: int, num_rollout: int) -> bool:
+        if not getattr(self.args, "save", None) or self.trainer is None and not self.args.debug_rollout_only:
+            return False
+        interval = getattr(self.args, "save_interval", None)
+        if interval is None:
+            return False
+        return (rollout_id + 1) % interval == 0 or rollout_id + 1 == num_rollout
+
+    def sync_due(self, rollout_id: int) -> bool:
+        if self.trainer is None or not self.engines:
+            return False
+        interval = int(getattr(self.args, "update_weights_interval", 1) or 1)
+        return (rollout_id + 1) % interval == 0
+
+    # ---- phases -------------------------------------------------------------------------------
+    def evaluate(self, step: int, summary: RunSummary) -> dict[str, float]:
+        with self.timer("eval"):
+            metrics = ray.get(self.manager.eval.remote(step))
+        summary.evals[step] = metrics
+        return metrics
+
+    def train(self, rollout_id: int, rollout_data: dict[str, Any]) -> dict[str, float]:
+        assert self.trainer is not None
+        if self.colocated_offload:
+            sync_now = self.sync_due(rollout_id)
+            tags = None if sync_now else ["kv_cache"]  # keep engine weights when no new ones follow
+            if self.args.offload_rollout:
+                ray.get(self.manager.release_memory.remote(tags))
+            self.trainer.onload()
+        with self.timer("train"):
+            metrics = self.trainer.train(rollout_id, rollout_data)
+        seconds = self.timer.seconds("train")
+        if seconds > 0:
+            metrics["train/tokens_per_s"] = train_data_tokens(rollout_data) / seconds
+        return metrics
+
+    def save(self, rollout_id: int) -> None:
+        with self.timer("save"):
+            if self.trainer is not None:
+                self.trainer.save(rollout_id)
+            ray.get(self.manager.save.remote(rollout_id))
+
+    def after_train(self, rollout_id: int) -> int | None:
+        """Weight sync (and the colocated memory hand-back); returns the pushed version, if any."""
+        version = None
+        released = self.colocated_offload and self.args.offload_rollout
+        if released and self.sync_due(rollout_id):
+            ray.get(self.manager.resume_memory.remote(["weights"]))
+        if self.sync_due(rollout_id):
+            with self.timer("update_weights"):
+                version = self.trainer.update_weights(self.engines, self.sync_mode)
+        if self.colocated_offload:
+            self.trainer.offload()
+            if released:
+                ray.get(self.manager.resume_memory.remote(["kv_cache"]))
+        return version
+
+    def log(self, step: int, *parts: dict[str, Any]) -> dict[str, float]:
+        merged: dict[str, Any] = {}
+        for part in parts:
+            merged.update(part)
+        merged.update(self.timer.pop_metrics())
+        return self.metrics.log(step, merged)
+
+    def close(self) -> None:
+        """Tear everything down; one failing step does not keep the others (engine processes above all) alive."""
+        steps = [self.metrics.close]
+        if self.trainer is not None:
+            steps.append(self.trainer.shutdown)
+        steps += [lambda: ray.get(self.manager.shutdown.remote()), lambda: ray.kill(self.manager), self.placement.remove]
+        if self.started_ray:
+            steps.append(ray.shutdown)
+        for step in steps:
+            try:
+                step()
+            except Exception as e:  # noqa: BLE001 - keep tearing down, report each failure
+                logger.warning("shutdown step failed: %s", e)
+
+
+StepHook = Callable[["Run", int, dict[str, Any], dict[str, float]], None]
+
+
+def run(args: argparse.Namespace, on_start: Callable[["Run", int], None] | None = None,
+        on_step: StepHook | None = None) -> RunSummary:
+    """The synchronous loop of DESIGN §3. `on_start(run, start)` / `on_step(run, rollout_id, rollout_data, metrics)`
+    are called after set-up and after each rollout's weight sync (tests and tools inspect the live run there)."""
+    loop = Run(args)
+    try:
+        start = loop.start()
+        if on_start is not None:
+            on_start(loop, start)
+        num_rollout = loop.num_rollout()
+        summary = RunSummary(start, num_rollout)
+        bar = progress_bar(total=num_rollout - start, desc="rollouts", unit="rollout")
+        for rollout_id in range(start, num_rollout):
+            eval_metrics = loop.evaluate(rollout_id, summary) if loop.eval_due(rollout_id, start, num_rollout) else {}
+            with loop.timer("rollout_total"):
+                rollout_data, rollout_metrics = ray.get(loop.manager.generate.remote(rollout_id))
+            train_metrics: dict[str, float] = {}
+            if loop.trainer is not None:
+                train_metrics = loop.train(rollout_id, rollout_data)
+            if loop.save_due(rollout_id, num_rollout):
+                loop.save(rollout_id)
+            if loop.trainer is not None:
+                version = loop.after_train(rollout_id)
+                summary.weight_version = version if version is not None else summary.weight_version
+            summary.last_metrics = loop.log(rollout_id, eval_metrics, rollout_metrics, train_metrics)
+            if on_step is not None:
+                on_step(loop, rollout_id, rollout_data, summary.last_metrics)
+            bar.update(1)
+        bar.close()
+        if loop.eval_due(num_rollout, start, num_rollout) and num_rollout > start:
+            loop.log(num_rollout, loop.evaluate(num_rollout, summary))
+        return summary
+    finally:
+        loop.close()
+
+
+def run_async(args: argparse.Namespace, on_start: Callable[["Run", int], None] | None = None,
+              on_step: StepHook | None = None) -> RunSummary:
+    """Rollout of step n+1 runs while step n trains; weights are pushed with generation paused."""
+    if args.colocate:
+        raise ValueError("train_async.py does not support --colocate: the engines would generate while the trainer "
+                         "holds the same GPUs; drop --colocate (disaggregated) or use train.py")
+    loop = Run(args)
+    try:
+        start = loop.start()
+        if on_start is not None:
+            on_start(loop, start)
+        num_rollout = loop.num_rollout()
+        summary = RunSummary(start, num_rollout)
+        next_rollout = loop.manager.generate.remote(start) if start < num_rollout else None
+        for rollout_id in range(start, num_rollout):
+            eval_metrics = loop.evaluate(rollout_id, summary) if loop.eval_due(rollout_id, start, num_rollout) else {}
+            with loop.timer("rollout_wait"):
+                rollout_data, rollout_metrics = ray.get(next_rollout)
+            save_now = loop.save_due(rollout_id, num_rollout)
+            if save_now:  # data-source state after this rollout, before the next one draws prompts
+                ray.get(loop.manager.save.remote(rollout_id))
+            next_rollout = loop.manager.generate.remote(rollout_id + 1) if rollout_id + 1 < num_rollout else None
+            train_metrics = loop.train(rollout_id, rollout_data) if loop.trainer is not None else {}
+            if save_now and loop.trainer is not None:
+                with loop.timer("save"):
+                    loop.trainer.save(rollout_id)
+            if loop.trainer is not None:
+                version = loop.after_train(rollout_id)
+                summary.weight_version = version if version is not None else summary.weight_version
+            summary.last_metrics = loop.log(rollout_id, eval_metrics, rollout_metrics, train_metrics)
+            if on_step is not None:
+                on_step(loop, rollout_id, rollout_data, summary.last_metrics)
+        if loop.eval_due(num_rollout, start, num_rollout) and num_rollout > start:
+            loop.log(num_rollout, loop.evaluate(num_rollout, summary))
+        return summary
+    finally:
+        loop.close()
+
+
+def _main(loop: Any, argv: list[str] | None, prog: str) -> RunSummary:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    args = parse_train_args(argv)
+    try:
+        return loop(args)
+    except ValueError as e:  # user errors (flags, files, plugins) end with their message, not a traceback
+        if os.environ.get("SLIME_DEBUG"):
+            raise
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def main(argv: list[str] | None = None) -> RunSummary:
+    return _main(run, argv, "train.py")
+
+
+def main_async(argv: list[str] | None = None) -> RunSummary:
+    return _main(run_async, argv, "train_async.py")
