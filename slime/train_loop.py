@@ -30,6 +30,8 @@ from slime.ray.weight_sync import weight_sync_mode
 
 logger = logging.getLogger(__name__)
 
+BUILTIN_DATA_SOURCE = "slime.data.data_source.RolloutDataSourceWithBuffer"
+
 
 def add_loop_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("run outputs")
@@ -87,7 +89,12 @@ class Run:
             start = self.trainer.init()
         resumed = start > 0 and bool(getattr(args, "load", None))
         if resumed:
-            ray.get(self.manager.load.remote(start - 1))
+            found = ray.get(self.manager.load.remote(start - 1))
+            builtin_source = getattr(args, "data_source_path", None) in (None, "", BUILTIN_DATA_SOURCE)
+            if not found and builtin_source and getattr(args, "start_rollout_id", None) is None:
+                raise ValueError(f"--load {args.load}: the checkpoint of rollout {start - 1} has no data-source state "
+                                 f"(rollout/global_dataset_state_dict_{start - 1}.pt); resuming would restart the "
+                                 "prompt order. Pass --start-rollout-id to start from there with fresh data order.")
         elif self.trainer is None and getattr(args, "load", None):
             ray.get(self.manager.load.remote(None))
         if self.trainer is not None and self.engines and resumed:
@@ -152,9 +159,10 @@ class Run:
 
     def save(self, rollout_id: int) -> None:
         with self.timer("save"):
+            # data-source state first: the trainer's tracker file, written last, commits the checkpoint as a whole
+            ray.get(self.manager.save.remote(rollout_id))
             if self.trainer is not None:
                 self.trainer.save(rollout_id)
-            ray.get(self.manager.save.remote(rollout_id))
 
     def after_train(self, rollout_id: int) -> int | None:
         """Weight sync (and the colocated memory hand-back); returns the pushed version, if any."""

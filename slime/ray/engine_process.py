@@ -10,6 +10,7 @@ Output goes to a log file whose last lines are quoted when the server dies or ne
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import signal
 import subprocess
@@ -140,7 +141,7 @@ def use_sglang_router(args: Any) -> bool:
 def router_argv(host: str, port: int, worker_urls: list[str], args: Any) -> list[str]:
     """Command line of the router (see `use_sglang_router`)."""
     timeout = str(getattr(args, "sglang_router_request_timeout_secs", 14400) or 14400)
-    interval = str(getattr(args, "rollout_health_check_interval", 30) or 30)
+    interval = str(max(1, math.ceil(float(getattr(args, "rollout_health_check_interval", 30) or 30))))  # whole seconds
     if use_sglang_router(args):
         return [sys.executable, "-m", "sglang_router.launch_router", "--host", host, "--port", str(port),
                 "--worker-urls", *worker_urls, "--policy", "round_robin", "--request-timeout-secs", timeout,

@@ -9,7 +9,9 @@ Layout under `--save`:
     latest_checkpointed_iteration.txt   "7"
 Every rank writes into `iter_0000007.tmp/`; after a barrier rank 0 renames it to `iter_0000007/`
 and then rewrites the tracker file (via a temporary file and os.replace), so a crash never
-leaves a half-written directory that `--load` would pick up.
+leaves a half-written directory that `--load` would pick up. A write that fails on any rank (disk
+full, permissions) fails on every rank with `CheckpointSaveError`; the temporary folder is removed
+and the previous checkpoint and tracker stay as they were.
 """
 
 from __future__ import annotations
@@ -25,11 +27,16 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint import CheckpointException
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
 TRACKER = "latest_checkpointed_iteration.txt"
+
+
+class CheckpointSaveError(OSError):
+    """A checkpoint could not be written; the previous one is intact."""
 
 
 def iteration_dir(root: str | os.PathLike, iteration: int) -> Path:
@@ -69,34 +76,84 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+LOW_DISK_BYTES = 64 * 2 ** 20
+
+
+def _failure_reason(error: BaseException, root: str | os.PathLike) -> str:
+    if isinstance(error, CheckpointException):
+        reasons = [str(exc) for exc, _ in error.failures.values()]
+        reason = reasons[0] if reasons else "checkpoint write failed"
+    else:
+        reason = str(error) if isinstance(error, OSError) else f"{type(error).__name__}: {error}"
+    if "unexpected pos" in reason:  # torch's zip writer reports a failed write this way, without the errno
+        reason += " (a short write: the disk is full or a file-size limit was hit)"
+    try:
+        stat = os.statvfs(root)
+        free = stat.f_bavail * stat.f_frsize
+    except OSError:
+        return reason
+    if free < LOW_DISK_BYTES:
+        reason += f"; the disk is full: {free // 1024} KiB free on the file system of --save"
+    return reason
+
+
+def _raise_if_any_rank_failed(error: BaseException | None, root: str | os.PathLike, final: Path, tmp: Path,
+                              previous: int | None) -> None:
+    """Collective: every rank learns whether some rank failed, and all raise the same message."""
+    reasons: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(reasons, None if error is None else _failure_reason(error, root))
+    failed = [(rank, r) for rank, r in enumerate(reasons) if r is not None]
+    if not failed:
+        return
+    if dist.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    dist.barrier()
+    rank, reason = failed[0]
+    kept = (f"the previous checkpoint {iteration_dir(root, previous).name} is intact and --load resumes from it"
+            if previous is not None else "no earlier checkpoint exists")
+    raise CheckpointSaveError(f"--save {root}: could not write checkpoint {final.name} (rank {rank}: {reason}); "
+                              f"{kept}") from error
+
+
 def save_checkpoint(root: str | os.PathLike, iteration: int, model: nn.Module, optimizer: torch.optim.Optimizer,
                     trainer_state: dict[str, Any], *, save_optim: bool = True) -> Path:
-    """Collective over all ranks. Returns the final directory."""
+    """Collective over all ranks. Returns the final directory; CheckpointSaveError if any rank cannot write."""
     final = iteration_dir(root, iteration)
     tmp = final.with_name(final.name + ".tmp")
     rank = dist.get_rank()
+    previous = latest_iteration(root) if Path(root).is_dir() else None
+    error: BaseException | None = None
     if rank == 0:
-        Path(root).mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    dist.barrier()
+        try:
+            Path(root).mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        except OSError as e:
+            error = e
+    _raise_if_any_rank_failed(error, root, final, tmp, previous)
     state: dict[str, Any] = {"model": get_model_state_dict(model)}
     if save_optim:
         state["optim"] = get_optimizer_state_dict(model, optimizer)
-    dcp.save(state, checkpoint_id=str(tmp))
-    torch.save(_rng_state(), tmp / f"rng_rank{rank}.pt")
+    try:
+        dcp.save(state, checkpoint_id=str(tmp))
+        torch.save(_rng_state(), tmp / f"rng_rank{rank}.pt")
+        if rank == 0:
+            torch.save(dict(trainer_state, has_optim=save_optim, world_size=dist.get_world_size()),
+                       tmp / "trainer_state.pt")
+    except (OSError, RuntimeError, CheckpointException) as e:  # torch.save raises RuntimeError on a short write
+        error = e
+    _raise_if_any_rank_failed(error, root, final, tmp, previous)
     if rank == 0:
-        torch.save(dict(trainer_state, has_optim=save_optim, world_size=dist.get_world_size()),
-                   tmp / "trainer_state.pt")
-    dist.barrier()
-    if rank == 0:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        tracker_tmp = Path(root) / (TRACKER + ".tmp")
-        tracker_tmp.write_text(str(iteration))
-        os.replace(tracker_tmp, Path(root) / TRACKER)
-    dist.barrier()
+        try:
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            tracker_tmp = Path(root) / (TRACKER + ".tmp")
+            tracker_tmp.write_text(str(iteration))
+            os.replace(tracker_tmp, Path(root) / TRACKER)
+        except OSError as e:
+            error = e
+    _raise_if_any_rank_failed(error, root, final, tmp, previous)
     return final
 
 

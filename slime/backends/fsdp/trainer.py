@@ -19,6 +19,7 @@ the rewards), then `actor.train(id, dict(shard, values=values))`.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections import defaultdict
@@ -41,6 +42,13 @@ from slime.backends.fsdp.optimizer import LRSchedule, build_optimizer, reset_opt
 from slime.backends.fsdp.ref_model import load_shards, snapshot_shards, swapped_in
 from slime.backends.fsdp.weight_export import iter_weight_buckets
 from slime.utils.plugins import load_function
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many optimizer steps in a row had a NaN/Inf loss or gradient (--max-nan-steps)."""
+
 
 PER_SAMPLE_TENSOR_KEYS = ("log_probs", "ref_log_probs", "rollout_log_probs", "values", "advantages", "returns",
                           "loss_masks", "kl")
@@ -78,6 +86,7 @@ class FSDPTrainer:
         self.scheduler: LRSchedule | None = None
         self.ref_shards: dict[str, torch.Tensor] | None = None
         self.offloaded = False
+        self.nan_steps_in_a_row = 0
 
     # ----------------------------------------------------------------- setup
     def init(self) -> int:
@@ -99,7 +108,9 @@ class FSDPTrainer:
                                          load_optim=not _arg(args, "no_load_optim", False))
             self.scheduler.load_state_dict(state["scheduler"])
             self.weight_version = int(state.get("weight_version", 0))
-            start = iteration + 1
+            # the rollout the checkpoint finished (-1 for one converted from HF); --start-rollout-id overrides
+            if getattr(args, "start_rollout_id", None) is None:
+                start = int(state.get("rollout_id", iteration)) + 1
         return start
 
     @property
@@ -344,14 +355,30 @@ class FSDPTrainer:
         grad_norm = self._clip_grad_norm()
         step_metrics["grad_norm"] = grad_norm
         step_metrics["lr"] = self.scheduler.get_lr()
-        if math.isfinite(grad_norm):
+        finite = math.isfinite(grad_norm) and math.isfinite(step_metrics.get("loss", 0.0))
+        step_metrics["skipped_nan_steps"] = 0.0 if finite else 1.0
+        if finite:
             self.optimizer.step()
-        else:
-            step_metrics["skipped_nonfinite_grad"] = 1.0
+            self.scheduler.step()
+            self.weight_version += 1
+            self.nan_steps_in_a_row = 0
         self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        self.weight_version += 1
+        if not finite:
+            self._skip_nonfinite_step(grad_norm, step_metrics.get("loss"))
         return step_metrics
+
+    def _skip_nonfinite_step(self, grad_norm: float, loss: float | None) -> None:
+        """The step was not applied (weights, optimizer state, LR schedule unchanged); too many in a row stop the run."""
+        self.nan_steps_in_a_row += 1
+        limit = int(_arg(self.args, "max_nan_steps", 3))
+        message = (f"optimizer step skipped: non-finite loss {loss} / grad norm {grad_norm} "
+                   f"({self.nan_steps_in_a_row} in a row; the run stops at --max-nan-steps {limit})")
+        if self.rank == 0:
+            logger.warning(message)
+        if self.nan_steps_in_a_row >= limit:
+            raise NonFiniteLossError(f"{self.nan_steps_in_a_row} optimizer steps in a row had a non-finite loss or "
+                                     f"gradient (last: loss {loss}, grad norm {grad_norm}); stopping at "
+                                     f"--max-nan-steps {limit}. Check rewards and data for NaN/Inf, or lower --lr.")
 
     def _gather_keys(self, sums: dict[str, float]) -> list[set[str]]:
         keys: list[Any] = [None] * self.dp_size
