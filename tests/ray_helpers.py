@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,21 @@ async def alternating_reward(args: Any, sample: Any, **kwargs: Any) -> float:
     """Reward plugin for tests (`--custom-rm-path tests.ray_helpers.alternating_reward`): group members differ,
     so every group has a non-zero advantage and every rollout changes the weights."""
     return float(sample.index % 2)
+
+
+def record_rollout_log(rollout_id: int, args: Any, samples: list, extra_metrics: Any, rollout_time: float) -> bool:
+    """--custom-rollout-log-function-path plugin (original signature): one line per rollout in --metrics-dir;
+    returns True ("logged it myself") at rollout 2 only, so the default rollout metrics are dropped there."""
+    with open(Path(args.metrics_dir) / "custom_rollout_log.jsonl", "a") as f:
+        f.write(json.dumps({"rollout_id": rollout_id, "num_samples": len(samples), "seconds": rollout_time}) + "\n")
+    return rollout_id == 1
+
+
+def record_eval_log(rollout_id: int, args: Any, data: dict, extra_metrics: Any) -> bool:
+    """--custom-eval-rollout-log-function-path plugin (original signature); keeps the default eval metrics."""
+    with open(Path(args.metrics_dir) / "custom_eval_log.jsonl", "a") as f:
+        f.write(json.dumps({"rollout_id": rollout_id, "datasets": sorted(data)}) + "\n")
+    return False
 
 
 def ray_session(num_cpus: int = 8):

@@ -89,3 +89,15 @@ def test_router_passes_client_errors_through(router):
     # the router re-serialises requests (dropping fields it does not model), so use a bad value it keeps
     response = httpx.post(router + "/generate", json={"text": "x", "sampling_params": {"top_p": 5.0}}, timeout=60)
     assert response.status_code == 400 and "top_p must be in (0, 1]" in response.text
+
+
+def test_rollout_finds_every_engine_behind_the_real_router(engines, router):
+    """Aborts must reach each engine: the rollout lists them through sglang-router's GET /workers."""
+    from types import SimpleNamespace
+
+    from slime.rollout.sglang_rollout import worker_urls
+
+    host, port = router.removeprefix("http://").split(":")
+    args = SimpleNamespace(sglang_router_ip=host, sglang_router_port=int(port))
+    found = asyncio.run(worker_urls(args))
+    assert sorted(u.rstrip("/") for u in found) == sorted(e.url.rstrip("/") for e in engines)

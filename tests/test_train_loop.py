@@ -44,7 +44,9 @@ def test_colocated_tensor_sync_respects_interval(ray_module, tiny_model_dir, tas
 
     args = parse_train_args(train_argv(tiny_model_dir, task, "--colocate", "--update-weights-interval", "2",
                                        "--eval-prompt-data", "heldout", str(task["test"]), "--eval-interval", "2",
-                                       "--eval-top-k", "1", "--metrics-dir", str(tmp_path)))
+                                       "--eval-top-k", "1", "--metrics-dir", str(tmp_path),
+                                       "--custom-rollout-log-function-path", "tests.ray_helpers.record_rollout_log",
+                                       "--custom-eval-rollout-log-function-path", "tests.ray_helpers.record_eval_log"))
     summary = run(args, on_step=on_step)
     assert gaps[0] > 1e-3, "no sync at step 0 (interval 2): the engine must still hold the old weights"
     assert gaps[1] < 1e-4, f"after the sync the engine's log-probs must equal the trainer's (gap {gaps[1]})"
@@ -52,9 +54,16 @@ def test_colocated_tensor_sync_respects_interval(ray_module, tiny_model_dir, tas
     records = _records(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in records] == [0, 1, 2]
     assert "eval/heldout" in records[0] and "eval/heldout" in records[2]
-    for key in ("rollout/reward_mean", "rollout/truncated_ratio", "train/grad_norm", "time/train", "train/tokens_per_s"):
+    for key in ("rollout/reward_mean", "rollout/truncated_ratio"):
+        assert key in records[0], key
+    for key in ("train/grad_norm", "time/train", "train/tokens_per_s"):
         assert key in records[1], key
     assert "time/update_weights" in records[1] and "time/update_weights" not in records[0]
+    custom = _records(tmp_path / "custom_rollout_log.jsonl")
+    assert [r["rollout_id"] for r in custom] == [0, 1] and all(r["num_samples"] > 0 for r in custom)
+    assert "rollout/reward_mean" not in records[1] and "time/rollout" in records[1]  # the plugin returned True
+    assert _records(tmp_path / "custom_eval_log.jsonl") == [{"rollout_id": 0, "datasets": ["heldout"]},
+                                                            {"rollout_id": 2, "datasets": ["heldout"]}]
 
 
 def test_disaggregated_broadcast_sync_and_resume(ray_module, tiny_model_dir, task, tmp_path):

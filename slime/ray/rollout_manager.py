@@ -27,6 +27,7 @@ import httpx
 import ray
 
 from slime.logging.rollout_metrics import rollout_metrics
+from slime.rollout.log_hooks import call_eval_rollout_log_function, call_rollout_log_function
 from slime.ray.engine_actor import EngineActor
 from slime.ray.engine_process import ServerProcess, router_add_worker, router_remove_worker, start_router
 from slime.ray.placement import Placement, needs_engines
@@ -257,6 +258,8 @@ class RolloutManager:
             metrics = {k: v for k, v in metrics.items() if "reward" not in k}
         metrics["time/rollout"] = seconds
         metrics.update({k: float(v) for k, v in extra_metrics.items() if isinstance(v, (int, float))})
+        if call_rollout_log_function(args, rollout_id, samples, extra_metrics, seconds):
+            metrics = {k: v for k, v in metrics.items() if k.startswith("time/")}  # the plugin logged them itself
         if getattr(args, "debug_rollout_only", False):
             return {}, metrics
         return samples_to_train_data(args, samples), metrics
@@ -285,6 +288,8 @@ class RolloutManager:
             metrics["eval/reward_mean"] = sum(means) / len(means)
         metrics["time/eval"] = time.perf_counter() - start
         metrics.update({k: float(v) for k, v in extra.items() if isinstance(v, (int, float))})
+        if call_eval_rollout_log_function(self.args, rollout_id, data, extra):
+            metrics = {k: v for k, v in metrics.items() if k.startswith("time/")}  # the plugin logged them itself
         return metrics
 
     def save(self, rollout_id: int) -> None:

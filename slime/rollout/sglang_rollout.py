@@ -148,15 +148,31 @@ def _flat(group: list) -> list[Sample]:
 
 
 async def worker_urls(args) -> list[str]:
-    """Engine URLs behind the router (`GET /list_workers`), or the router itself when it has no such endpoint."""
-    try:
-        answer = await get(router_url(args, "/list_workers"), timeout=10)
-        urls = answer.get("urls") if isinstance(answer, dict) else None
+    """Engine URLs behind the router, or the router itself when it lists none (a bare engine).
+
+    Our fallback router answers `GET /list_workers` -> {"urls": [...]}; the real sglang-router 0.3.x
+    answers `GET /workers` -> {"workers": [{"url": ...}, ...]} instead.
+    """
+    for path in ("/list_workers", "/workers"):
+        try:
+            answer = await get(router_url(args, path), timeout=10)
+        except Exception:  # noqa: BLE001 - this router (or bare engine) has no such endpoint
+            continue
+        urls = _urls_in(answer)
         if urls:
             return [u if u.startswith("http") else f"http://{u}" for u in urls]
-    except Exception:  # noqa: BLE001 - a bare engine has no /list_workers
-        pass
     return [router_url(args, "")]
+
+
+def _urls_in(answer: object) -> list[str]:
+    if not isinstance(answer, dict):
+        return []
+    if isinstance(answer.get("urls"), list):
+        return [u for u in answer["urls"] if isinstance(u, str)]
+    workers = answer.get("workers")
+    if isinstance(workers, list):
+        return [w["url"] for w in workers if isinstance(w, dict) and isinstance(w.get("url"), str)]
+    return []
 
 
 async def abort_all_requests(urls: list[str]) -> None:
