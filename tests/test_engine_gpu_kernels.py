@@ -169,6 +169,24 @@ def test_gumbel_sample_matches_torch_sampler():
     assert tokens[0].item() == logits[0].argmax().item()
 
 
+def test_fused_sampler_masks_stop_ids_until_min_new_tokens():
+    from slime.engine.sampler import Sampler, SamplingTensors
+    from slime.engine.sampling_params import SamplingParams
+
+    g = torch.Generator().manual_seed(12)
+    vocab = 700
+    logits = torch.randn(4, vocab, generator=g)
+    logits[:, 2] = 25.0  # EOS dominates every row
+    logits[:, 5] = 15.0  # then a stop token id
+    params = [SamplingParams(temperature=t, min_new_tokens=2, stop_token_ids=[5]) for t in (0.0, 0.9, 1.0, 0.0)]
+    t = SamplingTensors.build(params, [3, 4, 5, 6], [0, 1, 2, 7], vocab, DEVICE, eos_token_ids=[2])
+    ref_tokens, ref_logprobs = Sampler()(logits.to(DEVICE), t)
+    tokens, logprobs = Sampler(fused_gpu_sampling=True)(logits.to(DEVICE), t)
+    assert tokens.tolist() == ref_tokens.tolist()
+    torch.testing.assert_close(logprobs, ref_logprobs, atol=1e-5, rtol=0)
+    assert not set(tokens[:2].tolist()) & {2, 5} and tokens[2:].tolist() == [2, 2]
+
+
 @pytest.mark.skipif(not HAS_CUDA, reason="thousands of programs: a minute under the interpreter")
 def test_gumbel_sample_follows_the_distribution():
     """Many draws of one row at T=0.5: token frequencies match softmax(logits / T)."""
@@ -244,7 +262,6 @@ def test_fused_ops_match_the_torch_modules(dtype):
 
 def test_engine_with_fused_ops_matches_eager_modules(tiny_model_dir):
     from slime.engine import EngineConfig, LLMEngine, SamplingParams
-    from slime.engine.kernels.fused_ops import use_fused_ops
     from slime.engine.kernels.paged_attention import TritonPagedAttention
 
     prompts = [[40, 41, 42, 43, 44, 45, 46, 47, 48], [5, 6, 7]]
@@ -256,7 +273,10 @@ def test_engine_with_fused_ops_matches_eager_modules(tiny_model_dir):
         for layer in engine.runner.model.attention_layers():
             layer.backend = TritonPagedAttention()
         if fused:
-            assert use_fused_ops(engine.runner.model)
+            assert engine.runner.model.set_fused_ops(True)
+            model = engine.runner.model
+            assert model.model.norm.fused and all(layer.self_attn.fused and layer.mlp.fused
+                                                  for layer in model.model.layers)
         results.append(engine.generate(prompts, params))
     for ref, out in zip(*results):
         assert out["token_ids"] == ref["token_ids"]

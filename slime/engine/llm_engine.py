@@ -69,7 +69,8 @@ class LLMEngine:
         self.eos_token_ids: list[int] = read_eos_token_ids(config.model_path, self.hf_config)
         model_max = int(getattr(self.hf_config, "max_position_embeddings", 0) or 0) or 32768
         self.max_context_len: int = config.context_length or model_max
-        self.runner = ModelRunner(config, self.hf_config, max_positions=max(self.max_context_len, model_max))
+        self.runner = ModelRunner(config, self.hf_config, max_positions=max(self.max_context_len, model_max),
+                                  eos_token_ids=self.eos_token_ids)
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size)
         # A sequence may never need more blocks than the whole cache holds.
         max_seq_len = min(self.max_context_len, self.block_manager.capacity_tokens)
@@ -91,6 +92,10 @@ class LLMEngine:
         bad = [t for t in prompt_token_ids if not 0 <= t < self.hf_config.vocab_size]
         if bad:
             raise ValueError(f"input_ids hold ids outside the vocabulary [0, {self.hf_config.vocab_size}): {bad[:5]}")
+        stop_ids = set(self.eos_token_ids) | set(params.stop_token_ids)
+        if params.min_new_tokens > 0 and len(stop_ids) >= self.hf_config.vocab_size:
+            raise ValueError("sampling_params.min_new_tokens > 0 with stop_token_ids covering the whole vocabulary "
+                             "leaves nothing to sample")
         limit = self.scheduler.max_seq_len
         if len(prompt_token_ids) >= limit:
             what = "context length" if limit == self.max_context_len else "KV cache capacity"

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
+import numpy as np
 import torch
 
 from slime.engine.attention import AttentionBackend, AttentionMetadata, TorchPagedAttention
@@ -52,8 +53,9 @@ def _is_triton_attention(attention: AttentionBackend) -> bool:
 
 class ModelRunner:
     def __init__(self, config: EngineConfig, hf_config: Any, max_positions: int,
-                 attention: AttentionBackend | None = None) -> None:
+                 attention: AttentionBackend | None = None, eos_token_ids: Iterable[int] = ()) -> None:
         self.config = config
+        self.eos_token_ids = list(eos_token_ids)  # masked while a request is short of its min_new_tokens
         self.hf_config = hf_config
         self.device = torch.device(config.device)
         self.dtype = config.resolve_dtype(getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None))
@@ -65,11 +67,8 @@ class ModelRunner:
         with torch.device(self.device):
             self.model = model_cls(hf_config, variant, self.dtype, attention, max_positions)
         self.model.eval()
-        self.fused_ops = False
-        if fast_gpu:
-            from slime.engine.kernels.fused_ops import use_fused_ops
-
-            self.fused_ops = use_fused_ops(self.model)  # one kernel per RMSNorm / q-k norm + RoPE / SiLU-and-mul
+        # one kernel per RMSNorm / q-k norm + RoPE / SiLU-and-mul on the fast GPU path
+        self.fused_ops = self.model.set_fused_ops(True) if fast_gpu else False
         missing = self.model.missing_weights(self.model.load_weights(iterate_checkpoint(config.model_path)))
         if missing:
             raise ValueError(f"checkpoint {config.model_path!r} lacks weights: {sorted(missing)[:8]}"
@@ -168,17 +167,20 @@ class ModelRunner:
                   query_lens: list[int]) -> AttentionMetadata:
         context_lens = [len(seq) for seq in seqs]
         max_blocks = max(len(seq.block_table) for seq in seqs)
-        block_tables = torch.tensor([seq.block_table + [0] * (max_blocks - len(seq.block_table)) for seq in seqs],
-                                    dtype=torch.int32, device=self.device)
-        slot_table = (block_tables.long()[:, :, None] * self.block_size
-                      + torch.arange(self.block_size, device=self.device)).view(len(seqs), -1)
+        tables = np.zeros((len(seqs), max_blocks), dtype=np.int32)
+        for row, seq in zip(tables, seqs):
+            row[:len(seq.block_table)] = seq.block_table
+        block_tables = torch.from_numpy(tables).to(self.device)
         meta = AttentionMetadata(
             is_prefill=is_prefill, slot_mapping=torch.tensor(slot_mapping, dtype=torch.int64, device=self.device),
-            query_lens=query_lens, context_lens=context_lens,
-            context_slots=[slot_table[i, :n] for i, n in enumerate(context_lens)], block_tables=block_tables)
-        if not is_prefill:
+            query_lens=query_lens, context_lens=context_lens, context_slots=[], block_tables=block_tables)
+        if is_prefill:  # the reference backend's prefill gathers each context by its slots
+            slot_table = (block_tables.long()[:, :, None] * self.block_size
+                          + torch.arange(self.block_size, device=self.device)).view(len(seqs), -1)
+            meta.context_slots = [slot_table[i, :n] for i, n in enumerate(context_lens)]
+        else:  # decode reads the padded block tables, masked past each context
             lengths = torch.tensor(context_lens, device=self.device)
-            keys = torch.arange(slot_table.shape[1], device=self.device)
+            keys = torch.arange(max_blocks * self.block_size, device=self.device)
             meta.context_mask = (keys[None, :] < lengths[:, None])[:, None, None, :]
         return meta
 
@@ -216,6 +218,7 @@ class ModelRunner:
             ids, pos, meta, last = self.prepare(seqs, is_prefill)
             logits = self.model(ids, pos, meta, last)
         tensors = SamplingTensors.build([s.params for s in seqs], [s.sampling_seed for s in seqs],
-                                        [s.num_output_tokens for s in seqs], logits.shape[-1], self.device)
+                                        [s.num_output_tokens for s in seqs], logits.shape[-1], self.device,
+                                        self.eos_token_ids)
         tokens, logprobs = self.sampler(logits, tensors)
         return tokens.tolist(), logprobs.tolist()

@@ -30,11 +30,11 @@ SUPPORTED_SAMPLING = {
     "max_new_tokens": 128, "temperature": 1.0, "top_p": 1.0, "top_k": -1, "min_p": 0.0, "stop": None,
     "stop_token_ids": None, "ignore_eos": False, "skip_special_tokens": True,
     "spaces_between_special_tokens": True, "no_stop_trim": False, "sampling_seed": None, "n": 1,
-    "stream_interval": None,
+    "stream_interval": None, "min_new_tokens": 0,
 }
 # accepted only at their neutral value (None counts as neutral)
 NEUTRAL_SAMPLING = {
-    "frequency_penalty": 0.0, "presence_penalty": 0.0, "repetition_penalty": 1.0, "min_new_tokens": 0,
+    "frequency_penalty": 0.0, "presence_penalty": 0.0, "repetition_penalty": 1.0,
     "json_schema": None, "regex": None, "ebnf": None, "structural_tag": None, "stop_regex": None,
     "logit_bias": None, "custom_params": None,
 }
@@ -51,6 +51,8 @@ IGNORED_REQUEST_FIELDS = {
     "custom_labels", "return_bytes", "is_single", "logprob_start_len", "routing_key", "request_id", "model",
 }
 REQUEST_FIELDS = {"text", "input_ids", "sampling_params", "rid", "return_logprob", "stream"}
+# prompts x n of one /generate call; bounds the work a single request can queue (n=10**9 would never finish)
+MAX_SEQUENCES_PER_REQUEST = 16384
 
 
 @dataclass
@@ -126,6 +128,9 @@ def validate_sampling_params(raw: Any, vocab_size: int | None = None) -> dict[st
     params["min_p"] = _as_float("min_p", params["min_p"])
     if not 0.0 <= params["min_p"] <= 1.0:
         raise ProtocolError(f"sampling parameter min_p must be in [0, 1], got {params['min_p']}")
+    params["min_new_tokens"] = _as_int("min_new_tokens", params["min_new_tokens"])
+    if params["min_new_tokens"] < 0:
+        raise ProtocolError(f"sampling parameter min_new_tokens must be >= 0, got {params['min_new_tokens']}")
     params["n"] = _as_int("n", params["n"])
     if params["n"] < 1:
         raise ProtocolError(f"sampling parameter n must be >= 1, got {params['n']}")
@@ -166,6 +171,11 @@ def _check_ids(ids: Any, where: str, vocab_size: int | None) -> list[int]:
     return ids
 
 
+def _check_batch_size(count: int) -> None:
+    if count > MAX_SEQUENCES_PER_REQUEST:
+        raise ProtocolError(f"the batch has {count} prompts; at most {MAX_SEQUENCES_PER_REQUEST} per request")
+
+
 def parse_generate_request(
     body: Any, tokenizer: Any, max_context_len: int, vocab_size: int | None = None
 ) -> GenerateCall:
@@ -191,9 +201,12 @@ def parse_generate_request(
         texts = text if is_batch else [text]
         if not all(isinstance(t, str) for t in texts):
             raise ProtocolError("'text' must be a string or a list of strings")
+        _check_batch_size(len(texts))
         prompts = [list(tokenizer.encode(t)) for t in texts]
     else:
         is_batch = isinstance(input_ids, list) and bool(input_ids) and isinstance(input_ids[0], list)
+        if is_batch:
+            _check_batch_size(len(input_ids))
         prompts = [_check_ids(p, f"input_ids[{i}]" if is_batch else "input_ids", vocab_size)
                    for i, p in enumerate(input_ids if is_batch else [input_ids])]
     if is_batch and not prompts:
@@ -215,6 +228,9 @@ def parse_generate_request(
             raise ProtocolError(f"the prompt has {len(prompt)} tokens, longer than the context length "
                                 f"{max_context_len} minus one{where}")
         params = validate_sampling_params(sampling[i], vocab_size)
+        if len(items) + params["n"] > MAX_SEQUENCES_PER_REQUEST:
+            raise ProtocolError(f"the request asks for more than {MAX_SEQUENCES_PER_REQUEST} sequences (prompts x n "
+                                f"= at least {len(items) + params['n']}); split it into several requests")
         max_new = min(params["max_new_tokens"], max_context_len - len(prompt))
         rid = rids[i]
         if rid is not None and not isinstance(rid, str):
@@ -229,6 +245,7 @@ def parse_generate_request(
                     temperature=params["temperature"], top_p=params["top_p"], top_k=params["top_k"],
                     min_p=params["min_p"], max_new_tokens=max_new, stop_token_ids=params["stop_token_ids"],
                     ignore_eos=params["ignore_eos"], seed=None if seed is None else seed + j,
+                    min_new_tokens=params["min_new_tokens"],
                 ),
                 stop=params["stop"],
                 no_stop_trim=params["no_stop_trim"],
@@ -271,8 +288,18 @@ async def read_json_object(request: Any, fields: dict[str, type | tuple[type, ..
     return {k: body.get(k) for k in fields}
 
 
+def min_tokens_text_len(tokenizer: Any, item: GenerateItem, output_ids: list[int]) -> int:
+    """Text length of the first min_new_tokens - 1 output tokens: a stop string ends the request only where it
+    ends beyond that text, i.e. at or after its min_new_tokens-th token (0 without min_new_tokens)."""
+    count = int(item.engine_params.get("min_new_tokens") or 0)
+    if count <= 1:
+        return 0
+    return len(tokenizer.decode(output_ids[:count - 1], skip_special_tokens=item.skip_special_tokens))
+
+
 class StopStringWatcher:
-    """Detokenise incrementally and report the first stop string that appears in the output text."""
+    """Detokenise incrementally and report the first stop string that appears in the output text
+    (ignoring any that is complete within the first min_new_tokens - 1 tokens)."""
 
     def __init__(self, tokenizer: Any, item: GenerateItem):
         self._tokenizer = tokenizer
@@ -281,6 +308,8 @@ class StopStringWatcher:
         self._prefix_offset = 0
         self._read_offset = 0
         self._longest = max((len(s) for s in item.stop), default=0)
+        self._min_tokens = int(item.engine_params.get("min_new_tokens") or 0)
+        self._min_end: int | None = None if self._min_tokens > 1 else 0  # see min_tokens_text_len
 
     def _decode(self, ids: list[int]) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=self._item.skip_special_tokens)
@@ -290,16 +319,19 @@ class StopStringWatcher:
 
         The engine may run ahead of the edge by several tokens, so the kept length is the shortest
         prefix of `output_ids` whose text contains the stop string."""
-        if not self._item.stop or len(output_ids) <= self._read_offset:
+        if not self._item.stop or len(output_ids) <= self._read_offset or len(output_ids) < self._min_tokens:
             return None
+        if self._min_end is None:  # nothing was consumed yet: offsets and text are still at the start
+            self._min_end = min_tokens_text_len(self._tokenizer, self._item, output_ids)
         prefix = self._decode(output_ids[self._prefix_offset:self._read_offset])
         searched_from = max(0, len(self._text) - self._longest + 1)
-        for end in range(self._read_offset + 1, len(output_ids) + 1):
+        for end in range(max(self._read_offset + 1, self._min_tokens), len(output_ids) + 1):
             window = self._decode(output_ids[self._prefix_offset:end])
             if len(window) <= len(prefix) or window.endswith("\ufffd"):
                 continue  # an incomplete multi-byte character: wait for more tokens
-            tail = (self._text + window[len(prefix):])[searched_from:]
-            hits = [(tail.find(s), s) for s in self._item.stop if s in tail]
+            text = self._text + window[len(prefix):]
+            hits = [(text.find(s, max(searched_from, self._min_end - len(s) + 1)), s) for s in self._item.stop]
+            hits = [hit for hit in hits if hit[0] >= 0]
             if hits:
                 return min(hits)[1], end
         window = self._decode(output_ids[self._prefix_offset:])
@@ -320,7 +352,7 @@ def output_text(tokenizer: Any, item: GenerateItem, state: RequestState) -> str:
         ids = ids[:-1]
     text = tokenizer.decode(ids, skip_special_tokens=item.skip_special_tokens)
     if isinstance(matched, str) and not item.no_stop_trim:
-        position = text.find(matched)
+        position = text.find(matched, max(0, min_tokens_text_len(tokenizer, item, ids) - len(matched) + 1))
         if position >= 0:
             text = text[:position]
     return text

@@ -9,6 +9,7 @@ Each step is either a prefill (admit waiting sequences, oldest first, while thei
 New requests therefore join a running batch at the next step. When a decode needs a block and none is
 free, the newest running sequence is preempted: its blocks are freed and it goes back to the front of
 the queue to be recomputed (prompt + tokens so far) later; its outputs are unaffected.
+A stop id ends a sequence only past its `min_new_tokens` (the sampler masks them before that).
 """
 
 from __future__ import annotations
@@ -102,7 +103,8 @@ class Scheduler:
         params = seq.params
         if seq.num_output_tokens >= params.max_new_tokens:
             return {"type": "length", "length": params.max_new_tokens}
-        if not params.ignore_eos and (token_id in self.eos_token_ids or token_id in params.stop_token_ids):
+        may_stop = not params.ignore_eos and seq.num_output_tokens > params.min_new_tokens
+        if may_stop and (token_id in self.eos_token_ids or token_id in params.stop_token_ids):
             return {"type": "stop", "matched": token_id}
         if len(seq) >= self.max_seq_len:
             return {"type": "length", "length": seq.num_output_tokens}

@@ -1,7 +1,6 @@
-"""Fused Triton versions of the decoder's small elementwise ops, swapped into a built engine model.
+"""Fused Triton versions of the decoder's small elementwise ops, called by the model's modules when enabled.
 
-    from slime.engine.kernels.fused_ops import use_fused_ops
-    use_fused_ops(model)   # model: slime.engine.models.decoder.DecoderForCausalLM on CUDA
+    model.set_fused_ops(True)   # model: slime.engine.models.decoder.DecoderForCausalLM on CUDA; checks `fusable`
 
 A decode step of a small model is bound by kernel count, not bytes: torch runs RMSNorm as ~7
 kernels, rotary embedding as ~10 per tensor, SiLU-and-multiply as 2. Here each is one kernel:
@@ -9,13 +8,12 @@ kernels, rotary embedding as ~10 per tensor, SiLU-and-multiply as 2. Here each i
 written to contiguous outputs; RoPE only for models without q/k norm) and `silu_and_mul`. They
 reproduce the torch modules' rounding (normalise in float32, cast, multiply by the weight in the
 model dtype; RoPE products rounded as torch rounds them), so results match the eager modules up to
-the last bit of exp/rsqrt. `use_fused_ops` rebinds `forward` of the model's RMSNorm, Attention and
-MLP instances (slime/engine/models); parameters, buffers and state dicts are untouched.
+the last bit of exp/rsqrt. The RMSNorm, Attention and MLP modules (slime/engine/models) call them
+when their `fused` flag is set; parameters, buffers and state dicts are the same either way.
 """
 
 from __future__ import annotations
 
-import types
 from typing import Any
 
 import torch
@@ -129,31 +127,6 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-# ---- swapping them into a model ----------------------------------------------------------------------
-def _fused_rms_norm_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
-    return rms_norm(x, self.weight, self.eps)
-
-
-def _fused_attention_forward(self: Any, positions: torch.Tensor, x: torch.Tensor, meta: Any) -> torch.Tensor:
-    q, k, v = self.qkv_proj.split(self.qkv_proj(x))
-    q = q.view(-1, self.num_heads, self.head_dim)
-    k = k.view(-1, self.num_kv_heads, self.head_dim)
-    v = v.view(-1, self.num_kv_heads, self.head_dim)
-    q_weight = self.q_norm.weight if self.qk_norm else None
-    k_weight = self.k_norm.weight if self.qk_norm else None
-    q_eps = self.q_norm.eps if self.qk_norm else 0.0
-    k_eps = self.k_norm.eps if self.qk_norm else 0.0
-    q = qk_norm_rope(q, q_weight, q_eps, self.rotary.cos, self.rotary.sin, positions)
-    k = qk_norm_rope(k, k_weight, k_eps, self.rotary.cos, self.rotary.sin, positions)
-    assert self.k_cache is not None and self.v_cache is not None, "KV cache is not allocated"
-    out = self.backend.forward(q, k, v, self.k_cache, self.v_cache, meta, self.scale)
-    return self.o_proj(out.reshape(-1, self.num_heads * self.head_dim))
-
-
-def _fused_mlp_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
-    return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
-
-
 def fusable(model: Any) -> bool:
     """The fused ops cover SiLU MLPs, default-scaled RoPE tables and power-of-two head dims."""
     from slime.engine.models.decoder import MLP, Attention
@@ -167,22 +140,4 @@ def fusable(model: Any) -> bool:
                 return False
             if module.rotary.cos.dtype != torch.float32 or not module.rotary.cos.is_contiguous():
                 return False
-    return True
-
-
-def use_fused_ops(model: Any) -> bool:
-    """Rebind the forwards of `model`'s RMSNorm, Attention and MLP modules to the fused kernels.
-    Returns False (and changes nothing) when the model has a part the kernels do not cover."""
-    from slime.engine.models.decoder import MLP, Attention
-    from slime.engine.models.layers import RMSNorm
-
-    if not fusable(model):
-        return False
-    for module in model.modules():
-        if isinstance(module, RMSNorm):
-            module.forward = types.MethodType(_fused_rms_norm_forward, module)
-        elif isinstance(module, Attention):
-            module.forward = types.MethodType(_fused_attention_forward, module)
-        elif isinstance(module, MLP):
-            module.forward = types.MethodType(_fused_mlp_forward, module)
     return True

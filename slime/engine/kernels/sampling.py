@@ -23,7 +23,7 @@ SAMPLE_BLOCK_V = 2048
 
 @triton.jit
 def _mix32(x):
-    """murmur3 finaliser on uint32 (wrapping multiplication), as `slime.engine.sampler._mix32`."""
+    """murmur3 finaliser on uint32 (wrapping multiplication), as `slime.engine.sampler._mix32_`."""
     x = x ^ (x >> 16)
     x = x * 0x85EBCA6B
     x = x ^ (x >> 13)

@@ -6,7 +6,8 @@
 Inputs are a flat batch of new tokens (`input_ids`, `positions`) plus `AttentionMetadata`; the KV
 cache tensors are attached per layer by the model runner (`layer.self_attn.k_cache/v_cache`).
 Parameter names follow the HF checkpoint except for fused projections (`qkv_proj`, `gate_up_proj`),
-which `load_weights` maps back (see `PACKED_MODULES`).
+which `load_weights` maps back (see `PACKED_MODULES`). `set_fused_ops(True)` (the model runner, on
+CUDA with Triton) makes the RMSNorm / attention / MLP modules call the fused kernels directly.
 """
 
 from __future__ import annotations
@@ -66,18 +67,32 @@ class Attention(nn.Module):
         self.backend = backend
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
+        self.fused = False  # q/k RMSNorm + RoPE as one Triton kernel per tensor (set_fused_ops)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         q, k, v = self.qkv_proj.split(self.qkv_proj(x))
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
+        if self.fused:
+            q, k = self._fused_norm_rope(positions, q, k)
+        else:
+            if self.qk_norm:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = self.rotary(positions, q, k)
         assert self.k_cache is not None and self.v_cache is not None, "KV cache is not allocated"
         out = self.backend.forward(q, k, v, self.k_cache, self.v_cache, meta, self.scale)
         return self.o_proj(out.reshape(-1, self.num_heads * self.head_dim))
+
+    def _fused_norm_rope(self, positions: torch.Tensor, q: torch.Tensor,
+                         k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        from slime.engine.kernels.fused_ops import qk_norm_rope
+
+        cos, sin = self.rotary.cos, self.rotary.sin
+        if self.qk_norm:
+            return (qk_norm_rope(q, self.q_norm.weight, self.q_norm.eps, cos, sin, positions),
+                    qk_norm_rope(k, self.k_norm.weight, self.k_norm.eps, cos, sin, positions))
+        return qk_norm_rope(q, None, 0.0, cos, sin, positions), qk_norm_rope(k, None, 0.0, cos, sin, positions)
 
 
 class MLP(nn.Module):
@@ -87,8 +102,13 @@ class MLP(nn.Module):
         self.gate_up_proj = FusedLinear(cfg.hidden_size, {"gate": size, "up": size}, variant.mlp_bias, dtype)
         self.down_proj = Linear(size, cfg.hidden_size, variant.mlp_bias, dtype)
         self.act = _activation(cfg.hidden_act)
+        self.fused = False  # SiLU-and-multiply as one Triton kernel (set_fused_ops; SiLU MLPs only)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            from slime.engine.kernels.fused_ops import silu_and_mul
+
+            return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
         gate, up = self.gate_up_proj.split(self.gate_up_proj(x))
         return self.down_proj(self.act(gate) * up)
 
@@ -154,6 +174,20 @@ class DecoderForCausalLM(nn.Module):
         """Float32 logits [num_seqs, vocab] at each sequence's last new token."""
         hidden = self.model(input_ids, positions, meta)[last_token_indices]
         return F.linear(hidden, self.lm_head_weight).float()
+
+    def set_fused_ops(self, enabled: bool) -> bool:
+        """Switch the RMSNorm, attention (q/k norm + RoPE) and MLP modules to the fused Triton kernels of
+        `slime.engine.kernels.fused_ops` (CUDA with Triton). Returns whether they are on: enabling does
+        nothing and returns False when the model has a part the kernels do not cover (`fusable`)."""
+        if enabled:
+            from slime.engine.kernels.fused_ops import fusable
+
+            if not fusable(self):
+                return False
+        for module in self.modules():
+            if isinstance(module, (RMSNorm, Attention, MLP)):
+                module.fused = enabled
+        return enabled
 
     def attention_layers(self) -> list[Attention]:
         return [layer.self_attn for layer in self.model.layers]

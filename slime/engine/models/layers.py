@@ -4,7 +4,8 @@
 
 `param.weight_loader(param, tensor, shard_id)` copies a full Hugging Face tensor in place (no new
 storage, so captured graphs and CUDA IPC stay valid). `FusedLinear` stores several HF projections
-in one matrix (q/k/v, gate/up); its shard ids name the HF projection.
+in one matrix (q/k/v, gate/up); its shard ids name the HF projection. Modules with a `fused` flag
+call the Triton kernels of `slime.engine.kernels.fused_ops` when it is set (CUDA + Triton only).
 """
 
 from __future__ import annotations
@@ -91,15 +92,21 @@ class Embedding(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """Normalises in float32 and multiplies by the weight in the input dtype, as the HF models do."""
+    """Normalises in float32 and multiplies by the weight in the input dtype, as the HF models do.
+    With `fused` set (`DecoderForCausalLM.set_fused_ops`), one Triton kernel computes the same."""
 
     def __init__(self, dim: int, eps: float, dtype: torch.dtype) -> None:
         super().__init__()
         self.eps = eps
         self.weight = set_weight_loader(nn.Parameter(torch.ones(dim, dtype=dtype), requires_grad=False),
                                         default_weight_loader)
+        self.fused = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            from slime.engine.kernels.fused_ops import rms_norm
+
+            return rms_norm(x, self.weight, self.eps)
         dtype = x.dtype
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
