@@ -42,3 +42,22 @@ def tiny_model_factory(tmp_path_factory):
         return made[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def sharp_tiny_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny checkpoint with informative weights (tests/test_engine_core_checkpoint.py), made once."""
+    from test_engine_core_checkpoint import sharpened_checkpoint
+
+    return sharpened_checkpoint(tiny_model_dir, tmp_path_factory.mktemp("sharp-tiny"), seed=1)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Engine tests compare bits across runs: one intra-op thread keeps reductions in one order."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

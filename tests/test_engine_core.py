@@ -10,25 +10,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_engine_core_checkpoint import sharpened_checkpoint, tiny_moe_checkpoint
+from test_engine_core_checkpoint import ENGINE_PROMPTS, sharpened_checkpoint, tiny_moe_checkpoint
 
 from slime.engine import EngineConfig, LLMEngine, SamplingParams
 
-PROMPTS = [[40, 41, 42, 43], [5, 6, 7], [100, 3, 200, 17, 9, 250, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23],
-           [77], [300, 301, 302, 303, 304, 305, 306, 307, 308]]
+PROMPTS = ENGINE_PROMPTS
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def qwen3_dir(tiny_model_dir, tmp_path_factory) -> Path:
-    return sharpened_checkpoint(tiny_model_dir, tmp_path_factory.mktemp("sharp-qwen3"), seed=1)
+def qwen3_dir(sharp_tiny_dir) -> Path:
+    return sharp_tiny_dir
 
 
 def hf_model(path: Path):

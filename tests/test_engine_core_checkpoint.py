@@ -14,6 +14,10 @@ from pathlib import Path
 
 import torch
 
+# prompts of different lengths (1 to 19 tokens) shared by the engine tests
+ENGINE_PROMPTS = [[40, 41, 42, 43], [5, 6, 7], [100, 3, 200, 17, 9, 250, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23],
+                  [77], [300, 301, 302, 303, 304, 305, 306, 307, 308]]
+
 
 def sharpen_(model: torch.nn.Module, seed: int) -> None:
     """Redraw every weight in place at informative scales (fan-in scaled, gain 2; sharp Qwen3 attention)."""

@@ -14,7 +14,6 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from test_engine_core_checkpoint import sharpened_checkpoint
 from test_engine_server import ServerProcess
 
 from slime.engine import EngineConfig, LLMEngine, SamplingParams
@@ -22,17 +21,12 @@ from slime.engine.protocol import GenerateItem, ProtocolError, StopStringWatcher
 from slime.engine.sampler import Sampler, SamplingTensors
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def model_dir(tiny_model_dir, tmp_path_factory) -> Path:
-    return sharpened_checkpoint(tiny_model_dir, tmp_path_factory.mktemp("sharp-min-new"), seed=1)
+def model_dir(sharp_tiny_dir) -> Path:
+    return sharp_tiny_dir
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_engine_core_checkpoint import sharpened_checkpoint
 
 from slime.engine import EngineConfig, LLMEngine, SamplingParams
 from slime.engine.sampler import uniform_noise
@@ -31,17 +30,12 @@ PINNED_FIRST_LOGPROBS = [[-1.16288, -1.46023, -1.50759], [-1.98214, -0.00748, -0
                          [-1.63378, -1.51595]]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def model_dir(tiny_model_dir, tmp_path_factory) -> Path:
-    return sharpened_checkpoint(tiny_model_dir, tmp_path_factory.mktemp("sharp-pinned"), seed=1)
+def model_dir(sharp_tiny_dir) -> Path:
+    return sharp_tiny_dir
 
 
 def test_noise_bits_are_pinned():
