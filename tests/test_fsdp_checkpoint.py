@@ -34,10 +34,10 @@ def _local_optim(trainer) -> list[dict[str, torch.Tensor]]:
 
 def _checkpoint_scenario(rank: int, world_size: int, model_dir: str, save_dir: str, save_dir_no_optim: str,
                          hf_pattern: str) -> dict:
-    from slime.backends.fsdp.batching import shard_rollout_data
+    from slime.ray.data_split import split_rollout_data
     from slime.backends.fsdp.trainer import FSDPTrainer
 
-    shards = [shard_rollout_data(make_rollout_data(8, seed=s), rank, world_size, global_batch_size=4) for s in (2, 3)]
+    shards = [split_rollout_data(make_rollout_data(8, seed=s), world_size, 4)[rank] for s in (2, 3)]
     first = FSDPTrainer(make_args(model_dir, save=save_dir, save_hf=hf_pattern, **COMMON))
     assert first.init() == 0
     first.train(0, shards[0])

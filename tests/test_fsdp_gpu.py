@@ -91,13 +91,13 @@ def test_gpu_mixed_precision_offload_and_checkpoint(tmp_path, tiny_model_factory
 
 
 def _two_gpu_scenario(rank: int, world_size: int, model_dir: str) -> dict:
-    from slime.backends.fsdp.batching import shard_rollout_data
+    from slime.ray.data_split import split_rollout_data
     from slime.backends.fsdp.trainer import FSDPTrainer
 
     data = make_rollout_data(8, seed=12)
     trainer = FSDPTrainer(make_args(model_dir, **BASE))
     trainer.init()
-    shard = shard_rollout_data(data, rank, world_size, global_batch_size=4)
+    shard = split_rollout_data(data, world_size, 4)[rank]
     steps = trainer.train(0, shard)["steps"]
     weights = {n: t.float().cpu() for b in trainer.export_weights(1 << 20) for n, t in b}
     return dict(steps=steps, weights=weights)

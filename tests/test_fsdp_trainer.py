@@ -17,7 +17,7 @@ BASE = dict(global_batch_size=4, micro_batch_size=2, use_kl_loss=True, kl_loss_c
 
 
 def _train_configs(rank: int, world_size: int, model_dir: str, configs: list[dict]) -> list[dict]:
-    from slime.backends.fsdp.batching import shard_rollout_data
+    from slime.ray.data_split import split_rollout_data
     from slime.backends.fsdp.checkpoint import full_state_dict
     from slime.backends.fsdp.model import hf_name
     from slime.backends.fsdp.trainer import FSDPTrainer
@@ -28,7 +28,7 @@ def _train_configs(rank: int, world_size: int, model_dir: str, configs: list[dic
         overrides = dict(overrides)
         uneven = overrides.pop("uneven_shards", False)
         args = make_args(model_dir, **overrides)
-        shard = shard_rollout_data(data, rank, world_size, global_batch_size=args.global_batch_size)
+        shard = split_rollout_data(data, world_size, args.global_batch_size)[rank]
         if uneven:  # rank 0 holds 5 samples, rank 1 holds 3: rank 1 runs empty micro-batches
             cut = 5 if rank == 0 else 3
             shard = {k: (v[:5] if rank == 0 else v[5:]) if isinstance(v, list) else v for k, v in data.items()}

@@ -130,20 +130,6 @@ def test_pack_samples_positions_and_targets():
     assert empty.num_tokens == 1 and empty.targets.numel() == 0
 
 
-def test_shard_rollout_data_slices_each_global_batch_and_balances_tokens():
-    from slime.backends.fsdp.batching import shard_rollout_data
-
-    data = make_rollout_data(8, seed=4)
-    shards = [shard_rollout_data(data, r, 2, global_batch_size=4) for r in range(2)]
-    assert [s["sample_indices"] for s in shards] == [[0, 1, 4, 5], [2, 3, 6, 7]]
-    data["tokens"] = [[1] * n for n in (10, 1, 1, 10, 2, 2, 2, 2)]
-    balanced = [shard_rollout_data(data, r, 2, global_batch_size=4, balance=True) for r in range(2)]
-    assert sorted(balanced[0]["sample_indices"] + balanced[1]["sample_indices"]) == list(range(8))
-    assert [sum(map(len, s["tokens"][:2])) for s in balanced] == [11, 11]
-    with pytest.raises(ValueError, match="--global-batch-size"):
-        shard_rollout_data(data, 0, 3, global_batch_size=4)
-
-
 def test_validate_rollout_data_errors_name_the_problem():
     from slime.backends.fsdp.batching import validate_rollout_data
 

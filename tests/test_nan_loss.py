@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import math
 
-import pytest
 import torch
 
 from test_fsdp_harness import make_args, make_rollout_data, run_ranks

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from typing import Any, Sequence as Seq
 
-import numpy as np
 import torch
 
 from slime.engine.attention import AttentionMetadata

@@ -171,34 +171,3 @@ def pack_samples(tokens: Sequence[Sequence[int]], response_lengths: Sequence[int
         targets=torch.cat(targets).to(device),
         response_lengths=[int(r) for r in response_lengths],
     )
-
-
-def shard_rollout_data(rollout_data: dict[str, Any], rank: int, dp_size: int, *, global_batch_size: int | None = None,
-                       balance: bool = False) -> dict[str, Any]:
-    """This rank's share of the rollout: of every global batch (consecutive `global_batch_size` samples,
-    default all), an equal-sized slice: contiguous, or token-balanced across ranks with `--balance-data`.
-
-    The trainer's `split_into_steps` then cuts the shard back into the same global batches."""
-    n = len(rollout_data["tokens"])
-    gbs = global_batch_size or n
-    if n % gbs or gbs % dp_size:
-        raise ValueError(f"{n} rollout samples in global batches of {gbs} cannot be split evenly over {dp_size} "
-                         "data-parallel ranks; check --global-batch-size and the number of train GPUs")
-    per_rank = gbs // dp_size
-    lengths = [len(t) for t in rollout_data["tokens"]]
-    indices: list[int] = []
-    for start in range(0, n, gbs):
-        members = list(range(start, start + gbs))
-        if balance:
-            bins: list[list[int]] = [[] for _ in range(dp_size)]
-            sums = [0] * dp_size
-            for idx in sorted(members, key=lambda i: (-lengths[i], i)):
-                open_bins = [b for b in range(dp_size) if len(bins[b]) < per_rank]
-                target = min(open_bins, key=lambda b: (sums[b], b))
-                bins[target].append(idx)
-                sums[target] += lengths[idx]
-            indices += sorted(bins[rank])
-        else:
-            indices += members[rank * per_rank:(rank + 1) * per_rank]
-    return {k: ([v[i] for i in indices] if isinstance(v, list) and len(v) == n else v)
-            for k, v in rollout_data.items()}
