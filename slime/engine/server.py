@@ -166,18 +166,26 @@ class EngineServer:
         return Response(status_code=200)
 
     # ----- weights ----------------------------------------------------------------------------------
+    async def _update_weights(self, body: dict, load: Any, failure: str) -> tuple[int, JSONResponse | None]:
+        """Shared tail of the three weight-update endpoints: optional abort, update between steps, flush.
+
+        A loader failure is the caller's answer (400 with `failure`), never a server crash."""
+        if body["abort_all_requests"]:
+            await self.engine.abort_all()
+        flush = True if body.get("flush_cache") is None else body["flush_cache"]
+        try:
+            return await self.engine.update_weights(load, body["weight_version"], flush_cache=flush), None
+        except Exception as e:  # noqa: BLE001
+            return 0, _result(False, f"{failure}: {type(e).__name__}: {e}")
+
     async def update_from_disk(self, body: dict) -> JSONResponse:
         if body["load_format"] not in (None, "auto", "safetensors"):
             raise ProtocolError(f"load_format {body['load_format']!r} is not supported by the built-in engine")
-        if body["abort_all_requests"]:
-            await self.engine.abort_all()
         path = body["model_path"]
-        try:
-            await self.engine.update_weights(lambda engine: engine.load_weights_from_disk(path),
-                                             body["weight_version"], flush_cache=True)
-        except Exception as e:  # any loader failure is the caller's answer, not a server crash
-            return _result(False, f"failed to load weights from {path!r} (weights may be partly updated): "
-                                  f"{type(e).__name__}: {e}")
+        _, failed = await self._update_weights(body, lambda engine: engine.load_weights_from_disk(path),
+                                               f"failed to load weights from {path!r} (weights may be partly updated)")
+        if failed is not None:
+            return failed
         self.model_path = path
         return _result(True, f"loaded weights from {path}", num_paused_requests=0)
 
@@ -187,20 +195,14 @@ class EngineServer:
         payloads = body["serialized_named_tensors"]
         if not payloads or not all(isinstance(p, str) for p in payloads):
             raise ProtocolError("serialized_named_tensors must be a non-empty list of strings (one per tp rank)")
-        if body["abort_all_requests"]:
-            await self.engine.abort_all()
 
         def load(engine: Any) -> int:
             named = deserialize_named_tensors(payloads[0])  # tp rank 0: the built-in engine runs tp_size 1
             engine.load_weights(named)
             return len(named)
 
-        flush = True if body["flush_cache"] is None else body["flush_cache"]
-        try:
-            count = await self.engine.update_weights(load, body["weight_version"], flush_cache=flush)
-        except Exception as e:  # any loader failure is the caller's answer, not a server crash
-            return _result(False, f"update from tensors failed: {type(e).__name__}: {e}")
-        return _result(True, f"updated {count} tensors")
+        count, failed = await self._update_weights(body, load, "update from tensors failed")
+        return failed or _result(True, f"updated {count} tensors")
 
     async def init_group(self, body: dict) -> JSONResponse:
         name = body["group_name"] or "weight_update_group"
@@ -228,19 +230,13 @@ class EngineServer:
         group = self.groups.get(name)
         if group is None:
             raise ProtocolError(f"no weight update group {name!r}; call /init_weights_update_group first")
-        if body["abort_all_requests"]:
-            await self.engine.abort_all()
 
         def load(engine: Any) -> int:
             engine.load_weights(receive_named_tensors(group, names, dtypes, shapes, src=0))
             return len(names)
 
-        flush = True if body["flush_cache"] is None else body["flush_cache"]
-        try:
-            count = await self.engine.update_weights(load, body["weight_version"], flush_cache=flush)
-        except Exception as e:  # any loader failure is the caller's answer, not a server crash
-            return _result(False, f"update from distributed failed: {type(e).__name__}: {e}")
-        return _result(True, f"received {count} tensors over group {name!r}")
+        count, failed = await self._update_weights(body, load, "update from distributed failed")
+        return failed or _result(True, f"received {count} tensors over group {name!r}")
 
     async def destroy_group(self, body: dict) -> JSONResponse:
         name = body["group_name"] or "weight_update_group"
