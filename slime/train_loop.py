@@ -31,6 +31,7 @@ from slime.ray.weight_sync import weight_sync_mode
 logger = logging.getLogger(__name__)
 
 BUILTIN_DATA_SOURCE = "slime.data.data_source.RolloutDataSourceWithBuffer"
+FAULT_TOLERANT_SYNC_ATTEMPTS = 3
 
 
 def add_loop_arguments(parser: argparse.ArgumentParser) -> None:
@@ -164,15 +165,52 @@ class Run:
             if self.trainer is not None:
                 self.trainer.save(rollout_id)
 
+    @property
+    def fault_tolerant(self) -> bool:
+        return bool(getattr(self.args, "use_fault_tolerance", False))
+
+    def sync_targets(self, due: bool) -> list[dict[str, Any]]:
+        """Engines to push weights to now: all when due; under --use-fault-tolerance only those up, and, when
+        no sync is due, the restarted engines that still wait for the current weights."""
+        if not self.fault_tolerant:
+            return self.engines if due else []
+        if due:
+            return ray.get(self.manager.sync_targets.remote())
+        return ray.get(self.manager.awaiting_weights.remote())
+
+    def push_weights(self, due: bool) -> int | None:
+        """One weight sync; under --use-fault-tolerance an engine dying meanwhile costs one retry without it,
+        and restarted engines rejoin the router once they hold the pushed weights."""
+        attempts = FAULT_TOLERANT_SYNC_ATTEMPTS if self.fault_tolerant else 1
+        for attempt in range(1, attempts + 1):
+            targets = self.sync_targets(due)
+            if not targets:
+                return None
+            try:
+                version = self.trainer.update_weights(targets, self.sync_mode)
+            except Exception as e:  # noqa: BLE001 - re-raised unless an engine died (fault tolerance retries)
+                if attempt == attempts:
+                    raise
+                logger.warning("weight sync failed (%s); checking the engines and retrying (%d/%d)", e, attempt,
+                               attempts)
+                continue
+            if self.fault_tolerant:
+                ray.get(self.manager.weights_pushed.remote(targets))
+            return version
+        return None
+
     def after_train(self, rollout_id: int) -> int | None:
         """Weight sync (and the colocated memory hand-back); returns the pushed version, if any."""
         version = None
         released = self.colocated_offload and self.args.offload_rollout
-        if released and self.sync_due(rollout_id):
+        due = self.sync_due(rollout_id)
+        if released and due:
             ray.get(self.manager.resume_memory.remote(["weights"]))
-        if self.sync_due(rollout_id):
+        if due:
             with self.timer("update_weights"):
-                version = self.trainer.update_weights(self.engines, self.sync_mode)
+                version = self.push_weights(due=True)
+        elif self.fault_tolerant and self.engines and not released:
+            self.push_weights(due=False)  # restarted engines get the current weights without waiting for a due sync
         if self.colocated_offload:
             self.trainer.offload()
             if released:

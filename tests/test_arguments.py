@@ -249,7 +249,6 @@ def test_validation_rule_names_the_flag(argv, message, capsys):
         (["--keep-old-actor"], "not supported yet: --keep-old-actor"),
         (["--advantage-estimator", "ppo"], "not supported yet: --advantage-estimator ppo"),
         (["--async-save"], "not supported yet: --async-save"),
-        (["--use-fault-tolerance"], "not supported yet: --use-fault-tolerance"),
         (["--dump-details", "/tmp/d"], "not supported yet: --dump-details"),
         (["--memory-snapshot-dir", "/tmp/x"], "not supported yet: --memory-snapshot-dir"),
         (["--num-critic-only-steps", "1"], "not supported yet: --num-critic-only-steps"),

@@ -46,6 +46,7 @@ class EngineActor:
         return self.process.url
 
     def restart(self) -> str:
+        """A new server process at the same url; it loads --hf-checkpoint, so the caller pushes the current weights."""
         assert self.process is not None
         self.process.stop()
         self.process.start()

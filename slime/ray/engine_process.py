@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any
+from typing import Any, Callable
 
 import httpx
 
@@ -34,6 +34,26 @@ def tail(path: str, lines: int = 30) -> str:
         return "(no log)"
 
 
+PR_SET_DEATHSIG = 1
+
+
+def _die_with_parent(parent_pid: int) -> Callable[[], None]:
+    """preexec_fn (Linux): the child gets SIGKILL when the thread that started it exits, so a SIGKILLed
+    driver or Ray actor leaves no engine or router behind (they run in their own session for killpg)."""
+
+    def preexec() -> None:
+        import ctypes
+
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_DEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):  # not Linux: no parent-death signal
+            return
+        if os.getppid() != parent_pid:  # the parent died before prctl took effect
+            os._exit(1)
+
+    return preexec
+
+
 class ServerProcess:
     def __init__(self, argv: list[str], url: str, name: str, env: dict[str, str] | None = None,
                  health_path: str = "/health") -> None:
@@ -48,8 +68,9 @@ class ServerProcess:
 
     def start(self) -> None:
         log = open(self.log_path, "ab")
+        preexec = _die_with_parent(os.getpid()) if sys.platform.startswith("linux") else None
         self.process = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                                        start_new_session=True)
+                                        start_new_session=True, preexec_fn=preexec)
         log.close()
 
     def alive(self) -> bool:

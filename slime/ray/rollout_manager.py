@@ -9,7 +9,10 @@ with --rollout-backend sglang), or the servers of --rollout-external-engine-addr
 `sglang-router` package when installed, else `slime.ray.router`) fronts them; its address is written to
 `args.sglang_router_ip` / `args.sglang_router_port` for the rollout function. A health thread GETs
 every engine's /health each --rollout-health-check-interval seconds; with --use-fault-tolerance a dead
-engine is restarted and put back behind the router.
+engine leaves the router and is restarted (same url, --hf-checkpoint weights); it stays out of the router
+until the trainer has pushed the current weights to it (`sync_targets` / `awaiting_weights`, then
+`weights_pushed`, driven by slime/train_loop.py), then rejoins. Its in-flight requests fail over through
+the router and the rollout's /generate retries (--rollout-max-retries).
 """
 
 from __future__ import annotations
@@ -37,6 +40,9 @@ from slime.utils.types import Sample
 logger = logging.getLogger(__name__)
 
 DEFAULT_ROLLOUT_FUNCTION = "slime.rollout.sglang_rollout.generate_rollout"
+# up: behind the router; restarting: dead, its actor restarts it; awaiting_weights: restarted, out of the router
+# until the trainer pushed the current weights (`weights_pushed`); failed: the restart raised, retried next check
+ENGINE_STATES = ("up", "restarting", "awaiting_weights", "failed")
 
 
 def _call_rollout(fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -106,6 +112,8 @@ class RolloutManager:
         self._stop = threading.Event()
         self._health_thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._states: list[str] = []  # per engine: one of ENGINE_STATES
+        self._restarts: list[int] = []  # per engine: how often it was restarted (a new process at the same url)
 
     # ---- engines and router -------------------------------------------------------------------------
     def start_engines(self) -> dict[str, Any]:
@@ -124,6 +132,8 @@ class RolloutManager:
                 self.router = start_router(args, self.engine_urls)
                 host, port = self.router.url.removeprefix("http://").rsplit(":", 1)
                 args.sglang_router_ip, args.sglang_router_port = host, int(port)
+            self._states = ["up"] * len(self.engine_urls)
+            self._restarts = [0] * len(self.engine_urls)
             self._start_health_thread()
         return {"engine_urls": list(self.engine_urls), "router_ip": getattr(args, "sglang_router_ip", None),
                 "router_port": getattr(args, "sglang_router_port", None)}
@@ -171,32 +181,102 @@ class RolloutManager:
     def _health_loop(self, interval: float, first_wait: float) -> None:
         if self._stop.wait(first_wait):
             return
-        timeout = float(getattr(self.args, "rollout_health_check_timeout", 30) or 30)
         while not self._stop.wait(interval):
-            for index, url in enumerate(list(self.engine_urls)):
-                if self._stop.is_set():
-                    return
-                try:
-                    ok = httpx.get(f"{url}/health", timeout=timeout).status_code == 200
-                except httpx.HTTPError:
-                    ok = False
-                if not ok:
-                    self._on_unhealthy(index, url)
+            self._check_engines()
+
+    def _probe(self, url: str) -> bool:
+        timeout = float(getattr(self.args, "rollout_health_check_timeout", 30) or 30)
+        try:
+            return httpx.get(f"{url}/health", timeout=timeout).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def _check_engines(self) -> None:
+        """GET /health of every engine not being restarted; a failed one goes to `_on_unhealthy`."""
+        for index, url in enumerate(list(self.engine_urls)):
+            if self._stop.is_set():
+                return
+            with self._lock:
+                state = self._states[index] if index < len(self._states) else "up"
+            if state == "restarting":
+                continue
+            if state == "failed" or not self._probe(url):
+                self._on_unhealthy(index, url)
+
+    def _fault_tolerant(self) -> bool:
+        return bool(getattr(self.args, "use_fault_tolerance", False)) and bool(self.engine_actors)
 
     def _on_unhealthy(self, index: int, url: str) -> None:
         logger.error("engine %d at %s failed its health check", index, url)
-        if not getattr(self.args, "use_fault_tolerance", False) or index >= len(self.engine_actors):
+        if not self._fault_tolerant() or index >= len(self.engine_actors):
             return
-        router = f"http://{self.args.sglang_router_ip}:{self.args.sglang_router_port}"
         with self._lock:
-            try:
-                router_remove_worker(router, url)
-                new_url = ray.get(self.engine_actors[index].restart.remote())
-                self.engine_urls[index] = new_url
-                router_add_worker(router, new_url)
-                logger.warning("engine %d restarted at %s", index, new_url)
-            except Exception as e:  # keep the health thread alive; the next check retries
-                logger.error("restarting engine %d failed: %s", index, e)
+            if self._states[index] == "restarting":
+                return
+            self._states[index] = "restarting"
+        router = f"http://{self.args.sglang_router_ip}:{self.args.sglang_router_port}"
+        try:
+            router_remove_worker(router, url)
+        except httpx.HTTPError as e:
+            logger.warning("removing engine %d from the router failed: %s", index, e)
+        threading.Thread(target=self._restart, args=(index,), daemon=True).start()
+
+    def _restart(self, index: int) -> None:
+        try:
+            new_url = ray.get(self.engine_actors[index].restart.remote())
+        except Exception as e:  # keep the manager alive; the next health check retries
+            logger.error("restarting engine %d failed: %s", index, e)
+            with self._lock:
+                self._states[index] = "failed"
+            return
+        with self._lock:
+            self.engine_urls[index] = new_url
+            self._restarts[index] += 1
+            self._states[index] = "awaiting_weights"
+        logger.warning("engine %d restarted at %s; it rejoins the router once the trainer pushed weights", index, new_url)
+
+    def _endpoint(self, index: int) -> dict[str, Any]:
+        tp = int(getattr(self.args, "rollout_num_gpus_per_engine", 1) or 1)
+        restarts = self._restarts[index] if index < len(self._restarts) else 0
+        return {"url": self.engine_urls[index], "tp_size": tp, "restarts": restarts}
+
+    def engine_states(self) -> list[dict[str, Any]]:
+        """Every engine's endpoint with its state (one of ENGINE_STATES)."""
+        with self._lock:
+            return [dict(self._endpoint(i), state=self._states[i] if i < len(self._states) else "up")
+                    for i in range(len(self.engine_urls))]
+
+    def sync_targets(self) -> list[dict[str, Any]]:
+        """Engines a weight sync should reach now. Without --use-fault-tolerance: all of them. With it: a live
+        health probe first (a dead engine is sent to restart), then those up or awaiting weights."""
+        if not self._fault_tolerant():
+            return self.engine_endpoints()
+        self._check_engines()
+        return [{k: v for k, v in e.items() if k != "state"} for e in self.engine_states()
+                if e["state"] in ("up", "awaiting_weights")]
+
+    def awaiting_weights(self) -> list[dict[str, Any]]:
+        """Restarted engines that still serve --hf-checkpoint weights (kept out of the router)."""
+        return [{k: v for k, v in e.items() if k != "state"} for e in self.engine_states()
+                if e["state"] == "awaiting_weights"]
+
+    def weights_pushed(self, engines: list[dict[str, Any]]) -> list[str]:
+        """The trainer pushed its current weights to `engines`: restarted ones among them rejoin the router."""
+        router = f"http://{self.args.sglang_router_ip}:{self.args.sglang_router_port}"
+        rejoined = []
+        for engine in engines:
+            with self._lock:
+                matches = [i for i, url in enumerate(self.engine_urls) if url == engine["url"]
+                           and i < len(self._states) and self._states[i] == "awaiting_weights"
+                           and self._restarts[i] == engine.get("restarts", 0)]
+            for index in matches:
+                router_add_worker(router, engine["url"])
+                with self._lock:
+                    self._states[index] = "up"
+                rejoined.append(engine["url"])
+                logger.warning("engine %d at %s has the current weights and is back behind the router", index,
+                               engine["url"])
+        return rejoined
 
     def health(self) -> list[bool]:
         result = []
@@ -208,15 +288,18 @@ class RolloutManager:
         return result
 
     def engine_endpoints(self) -> list[dict[str, Any]]:
-        tp = int(getattr(self.args, "rollout_num_gpus_per_engine", 1) or 1)
-        return [{"url": url, "tp_size": tp} for url in self.engine_urls]
+        with self._lock:
+            return [self._endpoint(i) for i in range(len(self.engine_urls))]
 
     def router_address(self) -> tuple[str | None, int | None]:
         return getattr(self.args, "sglang_router_ip", None), getattr(self.args, "sglang_router_port", None)
 
     def _post_all(self, path: str, payload: dict[str, Any] | None = None, timeout: float = 600) -> list[Any]:
         results = []
-        for url in self.engine_urls:
+        with self._lock:  # under --use-fault-tolerance engines being restarted are skipped
+            urls = [u for i, u in enumerate(self.engine_urls)
+                    if not self._fault_tolerant() or i >= len(self._states) or self._states[i] in ("up", "awaiting_weights")]
+        for url in urls:
             r = httpx.post(f"{url}/{path}", json=payload or {}, timeout=timeout)
             if r.status_code >= 400:
                 raise RuntimeError(f"POST {url}/{path} answered HTTP {r.status_code}: {r.text[:300]}")

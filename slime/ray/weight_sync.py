@@ -80,6 +80,7 @@ class WeightSync:
         self.bucket_bytes = int(getattr(args, "update_weight_buffer_size", 512 * 1024**2))
         self._group: Any = None
         self._group_engines: tuple[str, ...] = ()
+        self._group_key: tuple[tuple[str, int], ...] = ()
         self._group_name = f"slime_weights_{os.getpid()}"
         self._pool = ThreadPoolExecutor(max_workers=16)
 
@@ -88,6 +89,8 @@ class WeightSync:
         """All train ranks call this (export is collective); rank 0 talks to the engines. Returns the version."""
         version = int(trainer.weight_version)
         urls = [e["url"] for e in engines]
+        if not engines:  # every engine is down (--use-fault-tolerance restarts them and pushes then)
+            return version
         start = time.perf_counter()
         if self.rank == 0:
             self._post_all(urls, "pause_generation", {})
@@ -148,7 +151,9 @@ class WeightSync:
         from slime.engine.weight_transport import init_weights_update_group
 
         urls = tuple(e["url"] for e in engines)
-        if self._group is not None and urls == self._group_engines:
+        # a restarted engine (same url, new process) or one left out while down needs a new group
+        key = tuple((e["url"], int(e.get("restarts", 0))) for e in engines)
+        if self._group is not None and key == self._group_key:
             return
         self._destroy_group()
         import ray
@@ -171,6 +176,7 @@ class WeightSync:
         for f in futures:
             f.result()
         self._group_engines = urls
+        self._group_key = key
 
     def _update_by_broadcast(self, trainer: Any, engines: list[dict[str, Any]], version: int) -> None:
         from slime.engine.weight_transport import broadcast_tensors, dtype_name
@@ -202,6 +208,7 @@ class WeightSync:
         destroy(self._group)
         self._group = None
         self._group_engines = ()
+        self._group_key = ()
 
     # ---- disk -----------------------------------------------------------------------------------
     def _update_by_disk(self, trainer: Any, urls: list[str], version: int) -> None:

@@ -29,7 +29,6 @@ NOT_SUPPORTED_YET: dict[str, Any] = {
     "--record-memory-history": False,
     "--memory-snapshot-dir": ".",
     "--fp16": False,
-    "--use-fault-tolerance": False,  # engine restart with current weights: see tests/test_fault_tolerance.py
 }
 
 # flag -> values whose feature is not built (other values work).
