@@ -15,10 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -27,6 +23,7 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from test_engine_server import ServerProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 CONTEXT_LENGTH = 48
@@ -134,50 +131,16 @@ def control_bodies(path: str) -> st.SearchStrategy:
 
 # ---------------------------------------------------------------- server
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class EngineServerProcess(ServerProcess):
+    """The shared test server (tests/test_engine_server.py) with a short context, a quiet log and one pooled client."""
 
-
-class EngineServerProcess:
     def __init__(self, model_path: Path) -> None:
-        self.url = f"http://127.0.0.1:{_free_port()}"
-        self.log = tempfile.NamedTemporaryFile("w+", prefix="engine-fuzz-", suffix=".log", delete=False)
-        env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "slime.engine.server", "--model-path", str(model_path), "--port",
-             self.url.rsplit(":", 1)[1], "--context-length", str(CONTEXT_LENGTH), "--log-level", "error"],
-            stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+        super().__init__(model_path, "--context-length", str(CONTEXT_LENGTH), "--log-level", "error")
         self.client = httpx.Client(base_url=self.url, timeout=REQUEST_TIMEOUT_S)
-
-    def output(self) -> str:
-        return Path(self.log.name).read_text()
-
-    def wait_healthy(self, timeout: float = 180.0) -> "EngineServerProcess":
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"engine server exited with {self.proc.returncode}:\n{self.output()}")
-            try:
-                if self.client.get("/health").status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"engine server not healthy after {timeout}s:\n{self.output()}")
 
     def stop(self) -> None:
         self.client.close()
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self.log.close()
-        os.unlink(self.log.name)
+        super().stop()
 
     def post_raw(self, path: str, content: bytes) -> httpx.Response:
         try:
