@@ -9,8 +9,6 @@ from __future__ import annotations
 import asyncio
 import string
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -22,7 +20,7 @@ from slime.rollout.sglang_rollout import generate_and_rm
 from slime.rollout.tokenization import get_tokenizer
 from slime.utils.types import Sample
 
-from test_rollout_sglang import engine, rollout_args  # noqa: F401  (module-scoped engine subprocess)
+from test_rollout_sglang import ForwardingProxy, engine, rollout_args  # noqa: F401  (module-scoped engine subprocess)
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "search_r1_lite"
 
@@ -87,36 +85,16 @@ def test_reward_func_reads_the_label(example):
         asyncio.run(example.gen.reward_func(None, Sample(response="x", label={"answer": "Au"})))
 
 
-class RecordingProxy:
+class RecordingProxy(ForwardingProxy):
     """Forwards everything to the engine and keeps each /generate answer."""
 
     def __init__(self, engine_url: str):
         self.answers: list[dict] = []
-        outer = self
+        super().__init__(engine_url, timeout=120.0)
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                answer = httpx.post(f"{engine_url}{self.path}", content=body, timeout=120,
-                                    headers={"Content-Type": "application/json"})
-                if self.path == "/generate":
-                    outer.answers.append(answer.json())
-                self.send_response(answer.status_code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(answer.content)))
-                self.end_headers()
-                self.wfile.write(answer.content)
-
-            def log_message(self, *a):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+    def on_answer(self, path: str, answer: httpx.Response) -> None:
+        if path == "/generate":
+            self.answers.append(answer.json())
 
 
 def _runs(mask: list[int]) -> list[tuple[int, int, int]]:

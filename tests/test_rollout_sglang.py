@@ -270,27 +270,25 @@ def test_partial_rollout_is_continued_in_the_next_step_and_keeps_its_tokens(
 
 # ---- hostile engine: HTTP 500 ------------------------------------------------------------------
 
-class PoisonProxy:
-    """Forwards /generate to the real engine, but answers 500 for prompts containing the poison bytes."""
+class ForwardingProxy:
+    """An HTTP proxy in front of the engine; subclasses may answer a request themselves or watch answers."""
 
-    def __init__(self, engine_url: str, poison_ids: list[int]):
-        self.poisoned_calls = 0
+    def __init__(self, engine_url: str, timeout: float = 60.0):
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):  # noqa: N802
                 body = self.rfile.read(int(self.headers["Content-Length"]))
-                payload = json.loads(body)
-                ids = payload.get("input_ids") or []
-                poisoned = any(ids[i:i + len(poison_ids)] == poison_ids for i in range(len(ids)))
-                if self.path == "/generate" and poisoned:
-                    outer.poisoned_calls += 1
-                    self.send_response(500)
+                own = outer.intercept(self.path, body)
+                if own is not None:
+                    status, content = own
+                    self.send_response(status)
                     self.end_headers()
-                    self.wfile.write(b"CUDA error: device-side assert triggered")
+                    self.wfile.write(content)
                     return
-                answer = httpx.post(f"{engine_url}{self.path}", content=body, timeout=60,
+                answer = httpx.post(f"{engine_url}{self.path}", content=body, timeout=timeout,
                                     headers={"Content-Type": "application/json"})
+                outer.on_answer(self.path, answer)
                 self.send_response(answer.status_code)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(answer.content)))
@@ -304,9 +302,32 @@ class PoisonProxy:
         self.port = self.server.server_address[1]
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
+    def intercept(self, path: str, body: bytes) -> tuple[int, bytes] | None:
+        return None
+
+    def on_answer(self, path: str, answer: httpx.Response) -> None:
+        pass
+
     def close(self):
         self.server.shutdown()
         self.server.server_close()
+
+
+class PoisonProxy(ForwardingProxy):
+    """Forwards /generate to the real engine, but answers 500 for prompts containing the poison bytes."""
+
+    def __init__(self, engine_url: str, poison_ids: list[int]):
+        self.poison_ids = poison_ids
+        self.poisoned_calls = 0
+        super().__init__(engine_url)
+
+    def intercept(self, path: str, body: bytes) -> tuple[int, bytes] | None:
+        ids = json.loads(body).get("input_ids") or []
+        n = len(self.poison_ids)
+        if path == "/generate" and any(ids[i:i + n] == self.poison_ids for i in range(len(ids))):
+            self.poisoned_calls += 1
+            return 500, b"CUDA error: device-side assert triggered"
+        return None
 
 
 def test_engine_500_is_retried_then_fails_only_that_group(engine, tiny_model_dir, tmp_path):
