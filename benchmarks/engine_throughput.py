@@ -1,4 +1,4 @@
-"""Offline generation throughput of the built-in engine against Hugging Face `generate`, on one GPU.
+"""Offline generation throughput of the built-in engine against Hugging Face `generate`, on one GPU (or --tp-size).
 
     python tools/make_tiny_model.py --preset qwen3-0.6b --output /tmp/q06 --dtype bfloat16 --device cuda
     python benchmarks/engine_throughput.py --model /tmp/q06 --output benchmarks/results/engine_throughput_h100.json
@@ -11,7 +11,11 @@ workload would take HF far too long, HF runs the first `--hf-num-seqs` prompts a
 generating the rounded mean output length of that subset, and its rate is generated tokens / wall
 time (documented in the JSON under `hf.method`). `fraction_of_bandwidth_bound` divides, over all
 decode steps, the bytes a step must read (every weight once plus the live KV of each sequence) by
-the measured device-to-device copy bandwidth times our measured decode time.
+the measured device-to-device copy bandwidth times our measured decode time. With `--tp-size N` the
+engine shards the model over GPUs 0..N-1 (HF stays on GPU 0); the bytes are then those of the rank-0
+shard (its heads / MLP columns plus the replicated embedding and lm_head), against one GPU's bandwidth.
+
+    python benchmarks/engine_throughput.py --model /tmp/q06 --tp-size 2 --output /tmp/engine_tp2.json
 
 Prints one JSON object (and writes it to --output when given).
 """
@@ -44,6 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="prompts HF generates for (default min(64, --num-seqs)); 0 skips the HF baseline")
     parser.add_argument("--max-num-batched-tokens", type=int, default=16384)
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (for comparison)")
+    parser.add_argument("--tp-size", type=int, default=1, help="tensor-parallel GPUs of the engine (0..N-1)")
     parser.add_argument("--output", default=None, help="also write the JSON object here")
     args = parser.parse_args(argv)
     if args.hf_num_seqs is None:
@@ -85,7 +90,8 @@ def run_ours(args: argparse.Namespace, prompts: list[list[int]], output_lens: li
     from slime.engine import EngineConfig, LLMEngine, SamplingParams
 
     config = EngineConfig(args.model, device="cuda", dtype="bfloat16", max_num_seqs=args.num_seqs,
-                          max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=args.enforce_eager)
+                          max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=args.enforce_eager,
+                          tp_size=args.tp_size)
     started = time.perf_counter()
     engine = LLMEngine(config)
     warm = [SamplingParams(temperature=args.temperature, max_new_tokens=4, ignore_eos=True, seed=i) for i in range(8)]
@@ -128,11 +134,12 @@ def run_ours(args: argparse.Namespace, prompts: list[list[int]], output_lens: li
         "weight_bytes": weight_bytes, "kv_bytes_per_token": kv_bytes_per_token,
         "num_kv_blocks": runner.num_blocks, "preemptions": engine.num_preemptions,
         "cuda_graphs": not args.enforce_eager, "attention_backend": type(layer.backend).__name__,
-        "max_decode_batch": max((s[1] for s in decode), default=0),
+        "max_decode_batch": max((s[1] for s in decode), default=0), "tp_size": args.tp_size,
     }
     full = [s for s in decode if s[1] == info["max_decode_batch"]]
     if full:
         info["full_batch_decode_step_ms"] = 1e3 * sorted(s[3] for s in full)[len(full) // 2]
+    engine.close()  # stops the tensor-parallel workers, freeing GPUs 1..N-1
     del engine, runner, model
     torch.cuda.empty_cache()
     return info
@@ -187,7 +194,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "workload": {"num_seqs": args.num_seqs, "prompt_len": [args.min_len, args.max_len],
                      "output_len": [args.min_len, args.max_len], "prompt_tokens": sum(len(p) for p in prompts),
                      "output_tokens": sum(output_lens), "temperature": args.temperature, "ignore_eos": True,
-                     "seed": args.seed, "model": args.model},
+                     "seed": args.seed, "model": args.model, "tp_size": args.tp_size},
         "ours": {k: (round(v, 4) if isinstance(v, float) else v) for k, v in ours.items()},
         "hf": {k: (round(v, 4) if isinstance(v, float) else v) for k, v in hf.items()} if hf else None,
         "versions": {"torch": torch.__version__, "triton": _version("triton"),

@@ -286,6 +286,12 @@ class AsyncEngine:
             self.num_steps += 1
             if outputs:
                 self._loop.call_soon_threadsafe(self._dispatch, outputs, self.weight_version)
+        close = getattr(self.engine, "close", None)  # tensor-parallel workers leave with the engine thread
+        if close is not None:
+            try:
+                close()
+            except Exception:  # noqa: BLE001
+                logger.exception("closing the engine failed")
 
     def _drain_commands(self, block: bool) -> bool:
         """Run queued commands; False once shutdown was requested."""

@@ -46,8 +46,6 @@ class EngineConfig:
             raise ValueError(f"--model-path {self.model_path!r} has no config.json")
         if self.dtype is not None and self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"--dtype {self.dtype!r} is not supported; choose auto or one of {sorted(DTYPES)}")
-        if self.tp_size != 1:
-            raise ValueError(f"--tp-size {self.tp_size} is not supported by the built-in engine (only 1)")
         positive = {"max_num_seqs": "--max-running-requests", "max_num_batched_tokens": "--max-prefill-tokens",
                     "block_size": "--page-size"}
         for name, flag in positive.items():
@@ -61,6 +59,9 @@ class EngineConfig:
             raise ValueError(f"--context-length must be >= 2, got {self.context_length}")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ValueError(f"--device {self.device!r} must be cpu or cuda[:N]")
+        from slime.engine.parallel import check_tp_size
+
+        check_tp_size(self.model_path, self.tp_size, self.device)
 
     def resolve_dtype(self, checkpoint_dtype: str | torch.dtype | None) -> torch.dtype:
         """Explicit --dtype wins; otherwise float32 on CPU (exact) and the checkpoint's dtype on GPU."""

@@ -13,6 +13,9 @@ Memory: `release_memory(["kv_cache"])` frees the KV cache tensors and forgets th
 `release_memory(["weights"])` moves the weights to a CPU copy on GPU (on CPU the weights stay, there
 being nowhere cheaper to put them). Both need an idle engine (no unfinished request) and are undone
 by `resume_memory`. `None` means both tags.
+
+Tensor parallelism (`tp_size > 1`): the runner is a `slime.engine.tp_worker.TPModelRunner`, which
+starts the other ranks as processes and mirrors every runner call on them; `close()` stops them.
 """
 
 from __future__ import annotations
@@ -26,7 +29,6 @@ import torch
 from slime.engine.block_manager import BlockManager
 from slime.engine.config import EngineConfig
 from slime.engine.model_runner import ModelRunner
-from slime.engine.models.loader import iterate_checkpoint
 from slime.engine.outputs import TokenOutput
 from slime.engine.sampling_params import SamplingParams
 from slime.engine.scheduler import Scheduler
@@ -69,8 +71,14 @@ class LLMEngine:
         self.eos_token_ids: list[int] = read_eos_token_ids(config.model_path, self.hf_config)
         model_max = int(getattr(self.hf_config, "max_position_embeddings", 0) or 0) or 32768
         self.max_context_len: int = config.context_length or model_max
-        self.runner = ModelRunner(config, self.hf_config, max_positions=max(self.max_context_len, model_max),
-                                  eos_token_ids=self.eos_token_ids)
+        max_positions = max(self.max_context_len, model_max)
+        if config.tp_size > 1:
+            from slime.engine.tp_worker import TPModelRunner
+
+            self.runner: Any = TPModelRunner(config, self.hf_config, max_positions, self.eos_token_ids)
+        else:
+            self.runner = ModelRunner(config, self.hf_config, max_positions=max_positions,
+                                      eos_token_ids=self.eos_token_ids)
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size)
         # A sequence may never need more blocks than the whole cache holds.
         max_seq_len = min(self.max_context_len, self.block_manager.capacity_tokens)
@@ -187,7 +195,32 @@ class LLMEngine:
         self.block_manager.reset_prefix_cache()
 
     def load_weights_from_disk(self, path: str) -> None:
-        self.load_weights(iterate_checkpoint(path))
+        """Every tp rank reads the checkpoint itself and keeps its shard."""
+        self.runner.load_weights_from_disk(path)
+        self.block_manager.reset_prefix_cache()
+
+    def load_serialized_weights(self, payloads: list[str]) -> int:
+        """`/update_weights_from_tensor`: tp rank r loads payloads[r] (payloads[0] when only one is given)."""
+        if self.config.tp_size > 1:
+            if len(payloads) not in (1, self.config.tp_size):
+                raise ValueError(f"serialized_named_tensors holds {len(payloads)} payloads; expected one per tp rank "
+                                 f"({self.config.tp_size}) or a single one for all ranks")
+            count = self.runner.load_serialized(payloads)
+        else:
+            from slime.engine.weight_transport import deserialize_named_tensors, finish_reading
+
+            named = deserialize_named_tensors(payloads[0])
+            self.runner.load_weights(named)
+            finish_reading(named)
+            count = len(named)
+        self.block_manager.reset_prefix_cache()
+        return count
+
+    def close(self) -> None:
+        """Stop the tensor-parallel worker processes (nothing to do for tp_size 1); idempotent."""
+        close = getattr(self.runner, "close", None)
+        if close is not None:
+            close()
 
     def flush_cache(self) -> bool:
         """Forget the prefix cache; refused (False) while requests are running, as SGLang does."""

@@ -15,6 +15,10 @@ Triton paged-attention kernels, fused RMSNorm / q-k norm + RoPE / SiLU-and-mul k
 (`slime.engine.kernels.fused_ops`), the fused Gumbel sampler for untruncated rows, and (unless
 `enforce_eager`) decode steps replayed from CUDA graphs, captured lazily at the first decode and
 dropped whenever the KV cache or the weights are reallocated.
+
+Tensor parallelism: given a `TPInfo` of size > 1 the runner is one rank's shard (its heads in the KV
+cache, all ranks agreeing on the smallest block count); only rank 0 computes logits and samples,
+the other ranks call `forward` (driven by `slime.engine.tp_worker`).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from slime.engine.attention import AttentionBackend, AttentionMetadata, TorchPag
 from slime.engine.config import DEFAULT_CPU_KV_CACHE_BYTES, DEFAULT_CPU_KV_CACHE_TOKENS, EngineConfig
 from slime.engine.models.loader import iterate_checkpoint
 from slime.engine.models.registry import model_spec_for
+from slime.engine.parallel import TPInfo
 from slime.engine.sampler import Sampler, SamplingTensors
 from slime.engine.sequence import Sequence
 
@@ -53,8 +58,10 @@ def _is_triton_attention(attention: AttentionBackend) -> bool:
 
 class ModelRunner:
     def __init__(self, config: EngineConfig, hf_config: Any, max_positions: int,
-                 attention: AttentionBackend | None = None, eos_token_ids: Iterable[int] = ()) -> None:
+                 attention: AttentionBackend | None = None, eos_token_ids: Iterable[int] = (),
+                 tp: TPInfo | None = None) -> None:
         self.config = config
+        self.tp = tp or TPInfo()
         self.eos_token_ids = list(eos_token_ids)  # masked while a request is short of its min_new_tokens
         self.hf_config = hf_config
         self.device = torch.device(config.device)
@@ -65,8 +72,9 @@ class ModelRunner:
         if attention is None:
             attention = _triton_attention() if fast_gpu else TorchPagedAttention()
         with torch.device(self.device):
-            self.model = model_cls(hf_config, variant, self.dtype, attention, max_positions)
+            self.model = model_cls(hf_config, variant, self.dtype, attention, max_positions, tp=self.tp)
         self.model.eval()
+        self.model.compute_logits = self.tp.rank == 0
         # one kernel per RMSNorm / q-k norm + RoPE / SiLU-and-mul on the fast GPU path
         self.fused_ops = self.model.set_fused_ops(True) if fast_gpu else False
         missing = self.model.missing_weights(self.model.load_weights(iterate_checkpoint(config.model_path)))
@@ -78,7 +86,7 @@ class ModelRunner:
         layer = self.model.attention_layers()[0]
         self.num_layers = len(self.model.attention_layers())
         self.kv_shape_tail = (self.block_size, layer.num_kv_heads, layer.head_dim)
-        self.num_blocks = self._count_kv_blocks()
+        self.num_blocks = self.tp.min_int(self._count_kv_blocks(), self.device)
         self.kv_cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self.weights_backup: dict[str, torch.Tensor] | None = None
         self.allocate_kv_cache()
@@ -158,6 +166,9 @@ class ModelRunner:
         with torch.no_grad():
             return self.model.load_weights(named_tensors)
 
+    def load_weights_from_disk(self, path: str) -> None:
+        self.load_weights(iterate_checkpoint(path))
+
     # ---- batches --------------------------------------------------------------------------------
     def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:
         bs, table = self.block_size, seq.block_table
@@ -206,6 +217,17 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, seqs: list[Sequence], is_prefill: bool) -> tuple[list[int], list[float]]:
         """Forward the batch and sample one token per sequence; returns (token ids, log-probs)."""
+        logits = self.forward(seqs, is_prefill)
+        tensors = SamplingTensors.build([s.params for s in seqs], [s.sampling_seed for s in seqs],
+                                        [s.num_output_tokens for s in seqs], logits.shape[-1], self.device,
+                                        self.eos_token_ids)
+        tokens, logprobs = self.sampler(logits, tensors)
+        return tokens.tolist(), logprobs.tolist()
+
+    @torch.inference_mode()
+    def forward(self, seqs: list[Any], is_prefill: bool) -> torch.Tensor:
+        """Logits [len(seqs), vocab] (tp rank 0), or the last hidden states (other tp ranks). `seqs` need only
+        request_id, token_ids, num_computed_tokens, block_table and len() (a `tp_worker.SeqView` will do)."""
         if self.kv_cache is None:
             raise RuntimeError("KV cache is released; resume_memory(['kv_cache']) before generating")
         if self.weights_offloaded:
@@ -217,8 +239,4 @@ class ModelRunner:
         else:
             ids, pos, meta, last = self.prepare(seqs, is_prefill)
             logits = self.model(ids, pos, meta, last)
-        tensors = SamplingTensors.build([s.params for s in seqs], [s.sampling_seed for s in seqs],
-                                        [s.num_output_tokens for s in seqs], logits.shape[-1], self.device,
-                                        self.eos_token_ids)
-        tokens, logprobs = self.sampler(logits, tensors)
-        return tokens.tolist(), logprobs.tolist()
+        return logits

@@ -39,7 +39,6 @@ from slime.engine.protocol import (
 )
 from slime.engine.weight_transport import (
     WeightUpdateGroup,
-    deserialize_named_tensors,
     destroy,
     dtype_from_name,
     init_weights_update_group,
@@ -84,6 +83,10 @@ class EngineServer:
         config = getattr(self.engine.engine, "config", None)
         device = getattr(config, "device", None)
         return device if isinstance(device, str) and device.startswith("cuda") else None
+
+    @property
+    def tp_size(self) -> int:
+        return int(getattr(getattr(self.engine.engine, "config", None), "tp_size", 1) or 1)
 
     @property
     def vocab_size(self) -> int | None:
@@ -190,16 +193,14 @@ class EngineServer:
         return _result(True, f"loaded weights from {path}", num_paused_requests=0)
 
     async def update_from_tensor(self, body: dict) -> JSONResponse:
-        if body["load_format"] not in (None, "direct"):
+        if body["load_format"] not in (None, "direct", "flattened_bucket"):  # both read by deserialize_named_tensors
             raise ProtocolError(f"load_format {body['load_format']!r} is not supported by the built-in engine")
         payloads = body["serialized_named_tensors"]
         if not payloads or not all(isinstance(p, str) for p in payloads):
             raise ProtocolError("serialized_named_tensors must be a non-empty list of strings (one per tp rank)")
 
         def load(engine: Any) -> int:
-            named = deserialize_named_tensors(payloads[0])  # tp rank 0: the built-in engine runs tp_size 1
-            engine.load_weights(named)
-            return len(named)
+            return engine.load_serialized_weights(payloads)  # tp rank r takes payloads[r]; waits for the copies
 
         count, failed = await self._update_weights(body, load, "update from tensors failed")
         return failed or _result(True, f"updated {count} tensors")
@@ -209,10 +210,15 @@ class EngineServer:
         if name in self.groups:
             return _result(False, f"weight update group {name!r} already exists; destroy it first")
         rank = int(body["rank_offset"] or 0)
+        address, port, world_size = body["master_address"], int(body["master_port"]), int(body["world_size"])
+        backend = body["backend"] or "gloo"
         try:
-            group = await asyncio.to_thread(
-                init_weights_update_group, body["master_address"], int(body["master_port"]), rank,
-                int(body["world_size"]), name, body["backend"] or "gloo", device=self.engine_device)
+            if self.tp_size > 1:  # every tp rank joins, as rank_offset + r, from the engine thread
+                group = await self.engine.call(
+                    lambda e: e.runner.join_weight_group(address, port, rank, world_size, name, backend))
+            else:
+                group = await asyncio.to_thread(init_weights_update_group, address, port, rank, world_size, name,
+                                                backend, device=self.engine_device)
         except (ValueError, RuntimeError) as e:
             return _result(False, f"could not join weight update group {name!r}: {type(e).__name__}: {e}")
         self.groups[name] = group
@@ -232,7 +238,11 @@ class EngineServer:
             raise ProtocolError(f"no weight update group {name!r}; call /init_weights_update_group first")
 
         def load(engine: Any) -> int:
-            engine.load_weights(receive_named_tensors(group, names, dtypes, shapes, src=0))
+            if self.tp_size > 1:  # every tp rank receives the full tensors and keeps its shard
+                engine.runner.receive_weights(group, names, dtypes, shapes)
+                engine.flush_cache()
+            else:
+                engine.load_weights(receive_named_tensors(group, names, dtypes, shapes, src=0))
             return len(names)
 
         count, failed = await self._update_weights(body, load, "update from distributed failed")
@@ -243,7 +253,10 @@ class EngineServer:
         group = self.groups.pop(name, None)
         if group is None:
             return _result(False, f"no weight update group {name!r}")
-        await asyncio.to_thread(destroy, group)
+        if self.tp_size > 1:
+            await self.engine.call(lambda e: e.runner.leave_weight_group(group))
+        else:
+            await asyncio.to_thread(destroy, group)
         return _result(True, f"destroyed weight update group {name!r}")
 
     # ----- info -------------------------------------------------------------------------------------

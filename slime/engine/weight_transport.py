@@ -4,8 +4,13 @@
     handle = init_weights_update_group("127.0.0.1", 29600, rank=0, world_size=2, group_name="g", backend="gloo")
     broadcast_tensors(handle, [t for _, t in named], src=0); destroy(handle)
 
+    payload = serialize_flattened_bucket(named)   # built-in engine: one buffer (one IPC handle) per bucket
+
 Both sides import this module: the trainer serialises / broadcasts, the engine server deserialises /
-receives (`slime/engine/server.py`). Tensors travel as base64 of `multiprocessing.reduction.ForkingPickler`
+receives (`slime/engine/server.py`). `serialize_named_tensors` is SGLang's format (a pickled list of
+(name, tensor)); `serialize_flattened_bucket` packs a bucket into one byte buffer plus plain metadata,
+so a bucket costs one CUDA IPC handle / one shared-memory file instead of one per tensor;
+`deserialize_named_tensors` reads both and returns views into the buffer. Tensors travel as base64 of `multiprocessing.reduction.ForkingPickler`
 bytes with torch's reductions: CUDA IPC handles on GPU, shared-memory files ("file_system" sharing
 strategy, set process-wide here) on CPU. The sender must keep its tensors alive until the receiving
 HTTP call has returned. Process groups made here are standalone (own TCPStore, own gloo / NCCL
@@ -63,8 +68,64 @@ def serialize_named_tensors(named_tensors: Sequence[tuple[str, torch.Tensor]]) -
     return base64.b64encode(ForkingPickler.dumps(items, pickle.HIGHEST_PROTOCOL)).decode("ascii")
 
 
+FLATTENED_KEY = "slime_flattened_bucket"
+_ALIGN = 64  # bytes; every tensor starts aligned so its dtype view and vectorised copies are legal
+
+
+def flatten_named_tensors(named_tensors: Sequence[tuple[str, torch.Tensor]]) -> dict[str, Any]:
+    """One uint8 buffer on the tensors' device holding every tensor (each at a 64-byte aligned offset),
+    plus names, dtypes, shapes and byte offsets as plain lists."""
+    if not named_tensors:
+        raise ValueError("flatten_named_tensors needs at least one tensor")
+    device = named_tensors[0][1].device
+    offsets, total = [], 0
+    for name, tensor in named_tensors:
+        if tensor.device != device:
+            raise ValueError(f"tensor {name!r} is on {tensor.device}, the bucket on {device}")
+        offsets.append(total)
+        total += -(-tensor.numel() * tensor.element_size() // _ALIGN) * _ALIGN
+    buffer = torch.empty(max(total, _ALIGN), dtype=torch.uint8, device=device)
+    with torch.no_grad():
+        for (_, tensor), offset in zip(named_tensors, offsets):
+            nbytes = tensor.numel() * tensor.element_size()
+            if nbytes:
+                buffer[offset:offset + nbytes].view(tensor.dtype).view(tensor.shape).copy_(tensor)
+    return {FLATTENED_KEY: 1, "buffer": buffer, "names": [str(n) for n, _ in named_tensors],
+            "dtypes": [dtype_name(t.dtype) for _, t in named_tensors],
+            "shapes": [list(t.shape) for _, t in named_tensors], "offsets": offsets}
+
+
+def unflatten_named_tensors(bucket: dict[str, Any]) -> list[tuple[str, torch.Tensor]]:
+    """Views into `bucket["buffer"]` (no copy), in the order they were flattened."""
+    buffer = bucket["buffer"]
+    names, dtypes, shapes, offsets = bucket["names"], bucket["dtypes"], bucket["shapes"], bucket["offsets"]
+    if not (isinstance(buffer, torch.Tensor) and buffer.dtype == torch.uint8 and buffer.dim() == 1):
+        raise ValueError("flattened bucket: 'buffer' must be a 1-D uint8 tensor")
+    if not (len(names) == len(dtypes) == len(shapes) == len(offsets)):
+        raise ValueError("flattened bucket: names, dtypes, shapes and offsets differ in length")
+    out = []
+    for name, dt, shape, offset in zip(names, dtypes, shapes, offsets):
+        dtype = dtype_from_name(dt)
+        numel = 1
+        for d in shape:
+            numel *= int(d)
+        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        if offset < 0 or offset + nbytes > buffer.numel():
+            raise ValueError(f"flattened bucket: tensor {name!r} lies outside the buffer")
+        out.append((str(name), buffer[offset:offset + nbytes].view(dtype).view(tuple(int(d) for d in shape))))
+    return out
+
+
+def serialize_flattened_bucket(named_tensors: Sequence[tuple[str, torch.Tensor]]) -> tuple[str, torch.Tensor]:
+    """(payload, buffer): the payload names one buffer by reference; keep `buffer` alive until the
+    receiving HTTP call has returned."""
+    _use_file_system_sharing()
+    bucket = flatten_named_tensors(named_tensors)
+    return base64.b64encode(ForkingPickler.dumps(bucket, pickle.HIGHEST_PROTOCOL)).decode("ascii"), bucket["buffer"]
+
+
 def deserialize_named_tensors(payload: str | bytes) -> list[tuple[str, torch.Tensor]]:
-    """Inverse of `serialize_named_tensors`, in any process on the same host (same GPU for CUDA)."""
+    """Inverse of `serialize_named_tensors` and `serialize_flattened_bucket`, in any process on the same host."""
     _use_file_system_sharing()
     try:
         raw = base64.b64decode(payload, validate=True)
@@ -74,12 +135,25 @@ def deserialize_named_tensors(payload: str | bytes) -> list[tuple[str, torch.Ten
         items = pickle.loads(raw)
     except Exception as e:  # unpickling failures come in many types (EOFError, RuntimeError for a gone shm file, ...)
         raise ValueError(f"serialized_named_tensors could not be unpickled: {type(e).__name__}: {e}") from e
+    if isinstance(items, dict) and items.get(FLATTENED_KEY) == 1:
+        try:
+            return unflatten_named_tensors(items)
+        except KeyError as e:
+            raise ValueError(f"flattened bucket is missing {e}") from e
     if not isinstance(items, list) or not all(
         isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str) and isinstance(item[1], torch.Tensor)
         for item in items
     ):
         raise ValueError("serialized_named_tensors must hold a list of (name, tensor) pairs")
     return items
+
+
+def finish_reading(named_tensors: Sequence[tuple[str, torch.Tensor]]) -> None:
+    """Receiver of tensors by reference: wait until the copies out of them have run on the GPU, so the
+    sender may reuse that memory once the HTTP call returns (CUDA IPC frees on refcount, not on stream)."""
+    devices = {t.device for _, t in named_tensors if t.is_cuda}
+    for device in devices:
+        torch.cuda.synchronize(device)
 
 
 @dataclass

@@ -8,6 +8,9 @@ cache tensors are attached per layer by the model runner (`layer.self_attn.k_cac
 Parameter names follow the HF checkpoint except for fused projections (`qkv_proj`, `gate_up_proj`),
 which `load_weights` maps back (see `PACKED_MODULES`). `set_fused_ops(True)` (the model runner, on
 CUDA with Triton) makes the RMSNorm / attention / MLP modules call the fused kernels directly.
+With `tp` (a `slime.engine.parallel.TPInfo` of size > 1) each rank holds its heads / MLP columns and
+all-reduces after o_proj / down_proj (layout in `slime.engine.parallel`); `compute_logits=False`
+(tp ranks other than 0, which never sample) skips the replicated lm_head.
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from slime.engine.attention import AttentionBackend, AttentionMetadata
-from slime.engine.models.layers import Embedding, FusedLinear, Linear, RMSNorm, RotaryEmbedding
+from slime.engine.models.layers import Embedding, FusedLinear, Linear, RMSNorm, RotaryEmbedding, RowParallelLinear
 from slime.engine.models.moe import EXPERT_WEIGHT, SparseMoE, is_moe_layer
+from slime.engine.parallel import TPInfo, kv_head_range, shard_range
 
 # HF projection name -> (fused parameter module, shard id)
 PACKED_MODULES = {
@@ -48,17 +52,31 @@ def _activation(name: str):
     raise ValueError(f"config.json hidden_act {name!r} is not supported by the built-in engine (silu, gelu)")
 
 
+def _row_linear(in_features: int, out_features: int, bias: bool, dtype: torch.dtype, tp: TPInfo) -> nn.Module:
+    if tp.size == 1:
+        return Linear(in_features, out_features, bias, dtype)
+    return RowParallelLinear(in_features, out_features, bias, dtype, tp)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: Any, variant: DecoderVariant, dtype: torch.dtype, backend: AttentionBackend,
-                 rotary: RotaryEmbedding) -> None:
+                 rotary: RotaryEmbedding, tp: TPInfo) -> None:
         super().__init__()
-        self.num_heads = cfg.num_attention_heads
-        self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or self.num_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.num_heads
+        total_heads = cfg.num_attention_heads
+        total_kv_heads = getattr(cfg, "num_key_value_heads", None) or total_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // total_heads
         self.scale = self.head_dim ** -0.5
+        first_head, self.num_heads = shard_range(total_heads, tp.rank, tp.size, "num_attention_heads")
+        first_kv, self.num_kv_heads = kv_head_range(total_kv_heads, tp.rank, tp.size)
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.qkv_proj = FusedLinear(cfg.hidden_size, {"q": q_size, "k": kv_size, "v": kv_size}, variant.qkv_bias, dtype)
-        self.o_proj = Linear(q_size, cfg.hidden_size, variant.o_bias, dtype)
+        slices = None
+        if tp.size > 1:
+            d = self.head_dim
+            slices = {"q": (first_head * d, q_size, total_heads * d), "k": (first_kv * d, kv_size, total_kv_heads * d),
+                      "v": (first_kv * d, kv_size, total_kv_heads * d)}
+        self.qkv_proj = FusedLinear(cfg.hidden_size, {"q": q_size, "k": kv_size, "v": kv_size}, variant.qkv_bias, dtype,
+                                    slices)
+        self.o_proj = _row_linear(total_heads * self.head_dim, cfg.hidden_size, variant.o_bias, dtype, tp)
         self.qk_norm = variant.qk_norm
         if variant.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, dtype)
@@ -96,11 +114,13 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: Any, variant: DecoderVariant, dtype: torch.dtype) -> None:
+    def __init__(self, cfg: Any, variant: DecoderVariant, dtype: torch.dtype, tp: TPInfo) -> None:
         super().__init__()
-        size = cfg.intermediate_size
-        self.gate_up_proj = FusedLinear(cfg.hidden_size, {"gate": size, "up": size}, variant.mlp_bias, dtype)
-        self.down_proj = Linear(size, cfg.hidden_size, variant.mlp_bias, dtype)
+        full = cfg.intermediate_size
+        start, size = shard_range(full, tp.rank, tp.size, "intermediate_size")
+        slices = {"gate": (start, size, full), "up": (start, size, full)} if tp.size > 1 else None
+        self.gate_up_proj = FusedLinear(cfg.hidden_size, {"gate": size, "up": size}, variant.mlp_bias, dtype, slices)
+        self.down_proj = _row_linear(full, cfg.hidden_size, variant.mlp_bias, dtype, tp)
         self.act = _activation(cfg.hidden_act)
         self.fused = False  # SiLU-and-multiply as one Triton kernel (set_fused_ops; SiLU MLPs only)
 
@@ -115,15 +135,15 @@ class MLP(nn.Module):
 
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: Any, variant: DecoderVariant, dtype: torch.dtype, backend: AttentionBackend,
-                 rotary: RotaryEmbedding, layer_index: int) -> None:
+                 rotary: RotaryEmbedding, layer_index: int, tp: TPInfo) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.self_attn = Attention(cfg, variant, dtype, backend, rotary)
+        self.self_attn = Attention(cfg, variant, dtype, backend, rotary, tp)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         if variant.moe and is_moe_layer(cfg, layer_index):
-            self.mlp: nn.Module = SparseMoE(cfg, dtype, _activation(cfg.hidden_act))
+            self.mlp: nn.Module = SparseMoE(cfg, dtype, _activation(cfg.hidden_act), tp)
         else:
-            self.mlp = MLP(cfg, variant, dtype)
+            self.mlp = MLP(cfg, variant, dtype, tp)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         x = x + self.self_attn(positions, self.input_layernorm(x), meta)
@@ -132,12 +152,12 @@ class DecoderLayer(nn.Module):
 
 class DecoderModel(nn.Module):
     def __init__(self, cfg: Any, variant: DecoderVariant, dtype: torch.dtype, backend: AttentionBackend,
-                 max_positions: int) -> None:
+                 max_positions: int, tp: TPInfo) -> None:
         super().__init__()
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         rotary = RotaryEmbedding(cfg, head_dim, max_positions)
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, dtype)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, variant, dtype, backend, rotary, i)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, variant, dtype, backend, rotary, i, tp)
                                     for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.rotary = rotary
@@ -151,11 +171,13 @@ class DecoderModel(nn.Module):
 
 class DecoderForCausalLM(nn.Module):
     def __init__(self, hf_config: Any, variant: DecoderVariant, dtype: torch.dtype, attention: AttentionBackend,
-                 max_positions: int) -> None:
+                 max_positions: int, tp: TPInfo | None = None) -> None:
         super().__init__()
         self.hf_config = hf_config
         self.variant = variant
-        self.model = DecoderModel(hf_config, variant, dtype, attention, max_positions)
+        self.tp = tp or TPInfo()
+        self.compute_logits = True
+        self.model = DecoderModel(hf_config, variant, dtype, attention, max_positions, self.tp)
         self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
         if not self.tie_word_embeddings:
             self.lm_head = Linear(hf_config.hidden_size, hf_config.vocab_size, False, dtype)
@@ -173,6 +195,8 @@ class DecoderForCausalLM(nn.Module):
                 last_token_indices: torch.Tensor) -> torch.Tensor:
         """Float32 logits [num_seqs, vocab] at each sequence's last new token."""
         hidden = self.model(input_ids, positions, meta)[last_token_indices]
+        if not self.compute_logits:
+            return hidden
         return F.linear(hidden, self.lm_head_weight).float()
 
     def set_fused_ops(self, enabled: bool) -> bool:

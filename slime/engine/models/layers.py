@@ -6,15 +6,21 @@
 storage, so captured graphs and CUDA IPC stay valid). `FusedLinear` stores several HF projections
 in one matrix (q/k/v, gate/up); its shard ids name the HF projection. Modules with a `fused` flag
 call the Triton kernels of `slime.engine.kernels.fused_ops` when it is set (CUDA + Triton only).
+Under tensor parallelism (`slime.engine.parallel`) the loaders still take the full HF tensor and
+keep this rank's slice: `FusedLinear(source_slices=...)` is column-parallel, `RowParallelLinear`
+splits its input dim and all-reduces its output.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from slime.engine.parallel import TPInfo
 
 
 def _check_shape(param: nn.Parameter | torch.Tensor, loaded: torch.Tensor, where: str) -> None:
@@ -35,10 +41,15 @@ def set_weight_loader(param: nn.Parameter, loader: Callable[..., None]) -> nn.Pa
 
 
 class FusedLinear(nn.Module):
-    """y = x W^T (+ b) where W stacks several HF projections along the output dim."""
+    """y = x W^T (+ b) where W stacks several HF projections along the output dim.
 
-    def __init__(self, in_features: int, shard_sizes: dict[str, int], bias: bool, dtype: torch.dtype) -> None:
+    `source_slices[shard_id] = (start, length, full)`: keep rows [start, start + length) of the HF tensor
+    of `full` rows (column parallelism); `shard_sizes` are then the kept lengths."""
+
+    def __init__(self, in_features: int, shard_sizes: dict[str, int], bias: bool, dtype: torch.dtype,
+                 source_slices: dict[str, tuple[int, int, int]] | None = None) -> None:
         super().__init__()
+        self.source_slices = source_slices or {}
         self.shard_offsets: dict[str, tuple[int, int]] = {}
         offset = 0
         for shard_id, size in shard_sizes.items():
@@ -56,6 +67,12 @@ class FusedLinear(nn.Module):
             raise ValueError(f"fused weight has no part {shard_id!r}; parts are {list(self.shard_offsets)}")
         offset, size = self.shard_offsets[shard_id]
         target = param.data.narrow(0, offset, size)
+        if shard_id in self.source_slices:
+            start, length, full = self.source_slices[shard_id]
+            if loaded.dim() == 0 or loaded.shape[0] != full:
+                raise ValueError(f"shape {tuple(loaded.shape)} does not fit part [{shard_id}] of the fused parameter "
+                                 f"(expected {full} rows before the tensor-parallel split)")
+            loaded = loaded.narrow(0, start, length)
         _check_shape(target, loaded, f"part [{shard_id}] of the fused parameter")
         with torch.no_grad():
             target.copy_(loaded)
@@ -79,6 +96,36 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
+
+
+class RowParallelLinear(nn.Module):
+    """y = all_reduce(x_r W_r^T) + b: this rank holds columns [start, start + in/tp) of the HF weight;
+    the bias (replicated) is added once, after the sum."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, tp: TPInfo) -> None:
+        super().__init__()
+        from slime.engine.parallel import shard_range
+
+        self.tp = tp
+        self.full_in = in_features
+        self.start, local = shard_range(in_features, tp.rank, tp.size, "row-parallel input dim")
+        self.weight = set_weight_loader(nn.Parameter(torch.empty(out_features, local, dtype=dtype),
+                                                     requires_grad=False), self._load_weight)
+        self.bias = None
+        if bias:
+            self.bias = set_weight_loader(nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False),
+                                          default_weight_loader)
+
+    def _load_weight(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: Any = None) -> None:
+        assert shard_id is None
+        if loaded.dim() != 2 or loaded.shape[1] != self.full_in:
+            raise ValueError(f"shape {tuple(loaded.shape)} does not fit the parameter of shape "
+                             f"({param.shape[0]}, {self.full_in}) before the tensor-parallel split")
+        default_weight_loader(param, loaded.narrow(1, self.start, param.shape[1]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.tp.all_reduce(F.linear(x, self.weight))
+        return y if self.bias is None else y + self.bias
 
 
 class Embedding(nn.Module):
