@@ -148,9 +148,10 @@ class Run:
         if self.colocated_offload:
             sync_now = self.sync_due(rollout_id)
             tags = None if sync_now else ["kv_cache"]  # keep engine weights when no new ones follow
-            if self.args.offload_rollout:
-                ray.get(self.manager.release_memory.remote(tags))
-            self.trainer.onload()
+            with self.timer("onload"):
+                if self.args.offload_rollout:
+                    ray.get(self.manager.release_memory.remote(tags))
+                self.trainer.onload()
         with self.timer("train"):
             metrics = self.trainer.train(rollout_id, rollout_data)
         seconds = self.timer.seconds("train")
@@ -205,16 +206,18 @@ class Run:
         released = self.colocated_offload and self.args.offload_rollout
         due = self.sync_due(rollout_id)
         if released and due:
-            ray.get(self.manager.resume_memory.remote(["weights"]))
+            with self.timer("offload"):  # the engine takes its weight memory back before the sync fills it
+                ray.get(self.manager.resume_memory.remote(["weights"]))
         if due:
             with self.timer("update_weights"):
                 version = self.push_weights(due=True)
         elif self.fault_tolerant and self.engines and not released:
             self.push_weights(due=False)  # restarted engines get the current weights without waiting for a due sync
         if self.colocated_offload:
-            self.trainer.offload()
-            if released:
-                ray.get(self.manager.resume_memory.remote(["kv_cache"]))
+            with self.timer("offload"):
+                self.trainer.offload()
+                if released:
+                    ray.get(self.manager.resume_memory.remote(["kv_cache"]))
         return version
 
     def log(self, step: int, *parts: dict[str, Any]) -> dict[str, float]:

@@ -107,3 +107,24 @@ def test_cli_writes_files_and_rejects_bad_flags(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "slime.data.synthetic", "--output", str(out), "--n-train", "5000",
                           "--max-operand", "5"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "raise --max-operand" in bad.stderr
+
+
+def test_worked_answers_show_every_step_and_score_by_the_final_answer(tmp_path):
+    paths = make_arithmetic_dataset(tmp_path, n_train=120, n_test=0, seed=2, max_operand=12, ops="+-*",
+                                    answer_style="worked")
+    for row, rl in zip(read_jsonl(paths["sft"]), read_jsonl(paths["train"])):
+        answer = row["messages"][1]["content"]
+        a, op, b = re.fullmatch(r"(\d+)([+\-*])(\d+)=", rl["messages"][0]["content"]).groups()
+        a, b = int(a), int(b)
+        head, tail = answer.split(": ", 1)
+        assert head == f"{a} {op} {b}"
+        steps = [int(x) for x in tail.split(". Answer:")[0].split(", ")]
+        step = {"+": 1, "-": -1, "*": a}[op]
+        if b:  # each step moves by one unit (or by a, for *) and the last one is the result
+            assert len(steps) == b and all(y - x == step for x, y in zip(steps, steps[1:]))
+        assert steps[-1] == int(rl["label"])
+        assert is_correct_answer(answer, rl["label"])
+        assert not is_correct_answer(answer.rsplit(" ", 1)[0] + " 999", rl["label"])
+    assert is_correct_answer("1, 2. Answer: 7<|im_end|>", "7") and not is_correct_answer("Answer: 7 8", "7")
+    with pytest.raises(ValueError, match="--answer-style"):
+        make_arithmetic_dataset(tmp_path / "x", n_train=5, n_test=0, answer_style="long")

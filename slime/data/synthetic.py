@@ -6,8 +6,11 @@ Writes three files under the output folder:
 - `train.jsonl`, `test.jsonl`: `{"messages": [{"role": "user", "content": "12+7="}], "label": "19"}`
   (RL: `--input-key messages --label-key label --apply-chat-template`); train and test prompts are disjoint.
 - `sft.jsonl`: `{"messages": [user, {"role": "assistant", "content": "19"}]}` over the train prompts.
-The answer is the bare integer; `exact_answer_reward` (usable as `--custom-rm-path
-slime.data.synthetic.exact_answer_reward`) gives 1.0 when the stripped response equals the label.
+With `--answer-style short` (default) the SFT answer is the bare integer. `--answer-style worked` writes
+the steps first (`3+4=` -> `3 + 4: 4, 5, 6, 7. Answer: 7`; counting down for `-`, repeated addition for
+`*`), so responses run to tens or hundreds of tokens, as in real reasoning RL.
+`exact_answer_reward` (usable as `--custom-rm-path slime.data.synthetic.exact_answer_reward`) gives 1.0
+when the stripped response, or the text after its last `Answer:`, equals the label.
 Prompts stay short because the quickstart model is a ~1M-parameter byte-level model.
 """
 
@@ -25,6 +28,8 @@ from typing import Any
 OPERATORS: dict[str, Callable[[int, int], int]] = {"+": operator.add, "-": operator.sub, "*": operator.mul}
 DEFAULT_PROMPT_FORMAT = "{a}{op}{b}="
 _END_MARKERS = ("<|im_end|>", "<|endoftext|>")
+ANSWER_MARKER = "Answer:"
+ANSWER_STYLES = ("short", "worked")
 
 
 def arithmetic_problems(max_operand: int, ops: Iterable[str], *, allow_negative: bool = False) -> list[tuple[int, str, int]]:
@@ -49,6 +54,18 @@ def solve(a: int, op: str, b: int) -> int:
     return OPERATORS[op](a, b)
 
 
+def worked_answer(a: int, op: str, b: int) -> str:
+    """The steps to the answer, one number per step: count up by one (+), down by one (-), add a again (*)."""
+    if op == "+":
+        steps = [a + i for i in range(1, b + 1)]
+    elif op == "-":
+        steps = [a - i for i in range(1, b + 1)]
+    else:
+        steps = [a * i for i in range(1, b + 1)]
+    shown = ", ".join(str(x) for x in steps) if steps else str(solve(a, op, b))
+    return f"{a} {op} {b}: {shown}. {ANSWER_MARKER} {solve(a, op, b)}"
+
+
 def make_arithmetic_dataset(
     out_dir: str | os.PathLike,
     *,
@@ -60,6 +77,7 @@ def make_arithmetic_dataset(
     allow_negative: bool = False,
     prompt_format: str = DEFAULT_PROMPT_FORMAT,
     n_sft: int | None = None,
+    answer_style: str = "short",
 ) -> dict[str, Path]:
     """Write train/test/sft jsonl files; returns their paths keyed "train", "test", "sft".
 
@@ -68,6 +86,8 @@ def make_arithmetic_dataset(
     """
     if n_train <= 0 or n_test < 0:
         raise ValueError(f"--n-train must be > 0 and --n-test >= 0, got {n_train} and {n_test}")
+    if answer_style not in ANSWER_STYLES:
+        raise ValueError(f"--answer-style {answer_style!r}: choose one of {', '.join(ANSWER_STYLES)}")
     for field in ("{a}", "{op}", "{b}"):
         if field not in prompt_format:
             raise ValueError(f"--prompt-format {prompt_format!r} must contain {field}")
@@ -88,7 +108,7 @@ def make_arithmetic_dataset(
     paths = {"train": out / "train.jsonl", "test": out / "test.jsonl", "sft": out / "sft.jsonl"}
     _write_jsonl(paths["train"], (_rl_row(p, prompt_format) for p in train))
     _write_jsonl(paths["test"], (_rl_row(p, prompt_format) for p in test))
-    _write_jsonl(paths["sft"], (_sft_row(p, prompt_format) for p in sft))
+    _write_jsonl(paths["sft"], (_sft_row(p, prompt_format, answer_style) for p in sft))
     return paths
 
 
@@ -98,9 +118,10 @@ def _rl_row(problem: tuple[int, str, int], prompt_format: str) -> dict[str, Any]
             "label": str(solve(a, op, b))}
 
 
-def _sft_row(problem: tuple[int, str, int], prompt_format: str) -> dict[str, Any]:
+def _sft_row(problem: tuple[int, str, int], prompt_format: str, answer_style: str = "short") -> dict[str, Any]:
     row = _rl_row(problem, prompt_format)
-    return {"messages": row["messages"] + [{"role": "assistant", "content": row["label"]}]}
+    answer = worked_answer(*problem) if answer_style == "worked" else row["label"]
+    return {"messages": row["messages"] + [{"role": "assistant", "content": answer}]}
 
 
 def _write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
@@ -112,11 +133,14 @@ def _write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
 
 
 def is_correct_answer(response: str, label: str) -> bool:
-    """The exact check the task is scored by: the response, stripped of whitespace and end markers, equals the label."""
+    """The exact check the task is scored by: the response (or its text after the last `Answer:`), stripped of
+    whitespace and end markers, equals the label."""
     text = response.strip()
     for marker in _END_MARKERS:
         if text.endswith(marker):
             text = text[: -len(marker)].rstrip()
+    if ANSWER_MARKER in text:
+        text = text.rsplit(ANSWER_MARKER, 1)[1].strip()
     return text == str(label).strip()
 
 
@@ -136,12 +160,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ops", default="+-", help="operators to use, e.g. '+-*'")
     parser.add_argument("--allow-negative", action="store_true", help="allow a-b with a<b (negative answers)")
     parser.add_argument("--prompt-format", default=DEFAULT_PROMPT_FORMAT)
+    parser.add_argument("--answer-style", default="short", choices=ANSWER_STYLES,
+                        help="SFT answers: the bare integer, or the worked steps then 'Answer: N'")
     args = parser.parse_args(argv)
     try:
         paths = make_arithmetic_dataset(
             args.output, n_train=args.n_train, n_test=args.n_test, seed=args.seed, max_operand=args.max_operand,
             ops=tuple(args.ops), allow_negative=args.allow_negative, prompt_format=args.prompt_format,
-            n_sft=args.n_sft)
+            n_sft=args.n_sft, answer_style=args.answer_style)
     except ValueError as e:
         parser.error(str(e))
     for name, path in paths.items():

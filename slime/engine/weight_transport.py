@@ -4,13 +4,14 @@
     handle = init_weights_update_group("127.0.0.1", 29600, rank=0, world_size=2, group_name="g", backend="gloo")
     broadcast_tensors(handle, [t for _, t in named], src=0); destroy(handle)
 
-    payload = serialize_flattened_bucket(named)   # built-in engine: one buffer (one IPC handle) per bucket
+    serialized, buffer = serialize_flattened_bucket(named)  # built-in engine: one buffer per bucket
 
 Both sides import this module: the trainer serialises / broadcasts, the engine server deserialises /
 receives (`slime/engine/server.py`). `serialize_named_tensors` is SGLang's format (a pickled list of
 (name, tensor)); `serialize_flattened_bucket` packs a bucket into one byte buffer plus plain metadata,
 so a bucket costs one CUDA IPC handle / one shared-memory file instead of one per tensor;
-`deserialize_named_tensors` reads both and returns views into the buffer. Tensors travel as base64 of `multiprocessing.reduction.ForkingPickler`
+`deserialize_named_tensors` reads both (the packed one as views into the buffer), and the receiver
+calls `finish_reading(named)` after copying out. Tensors travel as base64 of `ForkingPickler`
 bytes with torch's reductions: CUDA IPC handles on GPU, shared-memory files ("file_system" sharing
 strategy, set process-wide here) on CPU. The sender must keep its tensors alive until the receiving
 HTTP call has returned. Process groups made here are standalone (own TCPStore, own gloo / NCCL

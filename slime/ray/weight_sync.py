@@ -4,12 +4,17 @@
     version = sync.update(trainer, [{"url": "http://127.0.0.1:30001", "tp_size": 1}])
 
 - tensor (colocated): buckets from `trainer.export_weights(--update-weight-buffer-size)`, serialised by
-  reference (CUDA IPC on GPU, shared memory on CPU) and POSTed to /update_weights_from_tensor.
+  reference (CUDA IPC on GPU, shared memory on CPU) and POSTed to /update_weights_from_tensor. For the
+  built-in engine a CUDA bucket is first packed into one buffer (load_format "flattened_bucket": one
+  IPC handle per bucket, not one per tensor; `flatten`: None = CUDA buckets only, True / False = always /
+  never). SGLang engines, and CPU buckets by default, get SGLang's per-tensor format (on CPU packing
+  would cost a copy into the buffer plus one into shared memory on every sync).
 - distributed (disaggregated): trainer rank 0 and every engine rank form one group (NCCL on GPU,
   gloo on CPU) once; per bucket rank 0 POSTs /update_weights_from_distributed and broadcasts.
 - disk (--update-weight-transport disk): HF safetensors written once, engines POST /update_weights_from_disk.
 Generation is paused around the update. Every engine must then report the trainer's weight version
-(GET /get_weight_version), else the update fails loudly.
+(GET /get_weight_version), else the update fails loudly. `last_timings` holds the seconds the last
+update spent per phase on this rank (benchmarks/weight_sync.py reports them).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import logging
 import os
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Iterable, Iterator, TypeVar
 
 import httpx
@@ -35,8 +40,8 @@ def weight_sync_mode(args: Any) -> str:
     return "tensor" if getattr(args, "colocate", False) else "distributed"
 
 
-def _post(url: str, payload: dict[str, Any], timeout: float = 600.0) -> Any:
-    r = httpx.post(url, json=payload, timeout=timeout)
+def _post(url: str, payload: dict[str, Any], timeout: float = 600.0, client: httpx.Client | None = None) -> Any:
+    r = (client or httpx).post(url, json=payload, timeout=timeout)
     if r.status_code >= 400:
         raise RuntimeError(f"POST {url} answered HTTP {r.status_code}: {r.text[:500]}")
     return r.json() if r.content else None
@@ -83,6 +88,10 @@ class WeightSync:
         self._group_key: tuple[tuple[str, int], ...] = ()
         self._group_name = f"slime_weights_{os.getpid()}"
         self._pool = ThreadPoolExecutor(max_workers=16)
+        # one keep-alive client: a fresh httpx client per request costs ~10-30 ms (TLS context, connect)
+        self._http = httpx.Client(limits=httpx.Limits(max_connections=64, max_keepalive_connections=64))
+        self.flatten: bool | None = None if getattr(args, "rollout_backend", "builtin") == "builtin" else False
+        self.last_timings: dict[str, float] = {}
 
     # ---- entry point ----------------------------------------------------------------------------
     def update(self, trainer: Any, engines: list[dict[str, Any]]) -> int:
@@ -92,8 +101,10 @@ class WeightSync:
         if not engines:  # every engine is down (--use-fault-tolerance restarts them and pushes then)
             return version
         start = time.perf_counter()
+        self.last_timings = dict.fromkeys(("pause_s", "export_s", "pack_s", "engine_s", "resume_s"), 0.0)
         if self.rank == 0:
             self._post_all(urls, "pause_generation", {})
+        self.last_timings["pause_s"] = time.perf_counter() - start
         try:
             if self.mode == "tensor":
                 self._update_by_tensor(trainer, engines, version)
@@ -102,15 +113,37 @@ class WeightSync:
             else:
                 self._update_by_disk(trainer, urls, version)
         finally:
+            resume_start = time.perf_counter()
             if self.rank == 0:
                 self._post_all(urls, "continue_generation", {})
+            self.last_timings["resume_s"] = time.perf_counter() - resume_start
+        self.last_timings["total_s"] = time.perf_counter() - start
         if self.rank == 0:
             logger.info("weights v%d pushed to %d engine(s) by %s in %.2fs", version, len(urls), self.mode,
                         time.perf_counter() - start)
         return version
 
+    def _timed_buckets(self, trainer: Any) -> Iterator[tuple[list[tuple[str, Any]], bool]]:
+        """`trainer.export_weights` buckets with is_last; the time spent producing them counts as export_s."""
+        iterator = iter(_with_last(trainer.export_weights(self.bucket_bytes)))
+        while True:
+            start = time.perf_counter()
+            try:
+                item = next(iterator)
+            except StopIteration:
+                return
+            finally:
+                self.last_timings["export_s"] += time.perf_counter() - start
+            yield item
+
+    def _add_time(self, key: str, start: float) -> None:
+        self.last_timings[key] = self.last_timings.get(key, 0.0) + time.perf_counter() - start
+
+    def _post(self, url: str, payload: dict[str, Any], timeout: float = 600.0) -> Any:
+        return _post(url, payload, timeout, client=self._http)
+
     def _post_all(self, urls: list[str], path: str, payload: dict[str, Any]) -> list[Any]:
-        futures = [self._pool.submit(_post, f"{u}/{path}", payload) for u in urls]
+        futures = [self._pool.submit(self._post, f"{u}/{path}", payload) for u in urls]
         return [f.result() for f in futures]
 
     # ---- tensor (colocated) ---------------------------------------------------------------------
@@ -126,25 +159,52 @@ class WeightSync:
         return engines if self.rank == 0 else []
 
     def _update_by_tensor(self, trainer: Any, engines: list[dict[str, Any]], version: int) -> None:
+        """One bucket in flight: the next bucket is exported while the engines load this one and is packed
+        and sent once they have answered (buckets arrive in order; at most two buckets' bytes are alive)."""
         targets = self._tensor_targets(engines)
-        for bucket, is_last in _with_last(trainer.export_weights(self.bucket_bytes)):
-            if targets:
-                self._send_tensor_bucket(targets, bucket, version, flush=is_last)
+        in_flight: tuple[list[Future], Any] | None = None
+        try:
+            for bucket, is_last in self._timed_buckets(trainer):
+                if not targets:
+                    continue
+                self._wait(in_flight)
+                in_flight = None  # frees the previous bucket before this one is packed
+                serialized, payload, keep_alive = self._pack_tensor_bucket(bucket, version, flush=is_last)
+                futures = []
+                for e in targets:
+                    request = {**payload, "serialized_named_tensors": [serialized] * int(e.get("tp_size", 1))}
+                    futures.append(self._pool.submit(self._post, f"{e['url']}/update_weights_from_tensor", request))
+                in_flight = (futures, keep_alive)
+        finally:
+            self._wait(in_flight)  # the sender's tensors must outlive every engine's read
 
-    def _send_tensor_bucket(self, engines: list[dict[str, Any]], bucket: list[tuple[str, Any]], version: int,
-                            flush: bool) -> None:
-        from slime.engine.weight_transport import serialize_named_tensors
+    def _pack_tensor_bucket(self, bucket: list[tuple[str, Any]], version: int, flush: bool
+                            ) -> tuple[str, dict[str, Any], Any]:
+        """(serialized bucket, the rest of the request, what must stay alive until the engines answer)."""
+        from slime.engine.weight_transport import serialize_flattened_bucket, serialize_named_tensors
 
-        # the tensors stay referenced by `bucket` until every engine has answered
-        serialized = serialize_named_tensors([(name, t.detach().contiguous()) for name, t in bucket])
-        futures = [
-            self._pool.submit(_post, f"{e['url']}/update_weights_from_tensor", {
-                "serialized_named_tensors": [serialized] * int(e.get("tp_size", 1)),
-                "flush_cache": flush, "weight_version": str(version)})
-            for e in engines
-        ]
-        for f in futures:
-            f.result()
+        start = time.perf_counter()
+        named = [(name, t.detach().contiguous()) for name, t in bucket]
+        payload: dict[str, Any] = {"flush_cache": flush, "weight_version": str(version)}
+        if self.flatten or (self.flatten is None and bool(named) and named[0][1].is_cuda):
+            serialized, keep_alive = serialize_flattened_bucket(named)
+            payload["load_format"] = "flattened_bucket"
+            named.clear()
+            bucket.clear()  # the packed buffer holds the bytes now; free the exported tensors early
+        else:
+            serialized, keep_alive = serialize_named_tensors(named), named
+        self._add_time("pack_s", start)
+        return serialized, payload, keep_alive
+
+    def _wait(self, in_flight: tuple[list[Future], Any] | None) -> None:
+        if in_flight is None:
+            return
+        start = time.perf_counter()
+        try:
+            for f in in_flight[0]:
+                f.result()
+        finally:
+            self._add_time("engine_s", start)
 
     # ---- broadcast (disaggregated) --------------------------------------------------------------
     def _ensure_group(self, engines: list[dict[str, Any]]) -> None:
@@ -156,19 +216,22 @@ class WeightSync:
         if self._group is not None and key == self._group_key:
             return
         self._destroy_group()
-        import ray
         import torch
 
         from slime.ray.train_group import free_port
 
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        master_address = ray.util.get_node_ip_address() if any("127.0.0.1" not in u for u in urls) else "127.0.0.1"
+        master_address = "127.0.0.1"
+        if any("127.0.0.1" not in u for u in urls):
+            import ray
+
+            master_address = ray.util.get_node_ip_address()
         master_port = free_port()
         world_size = 1 + sum(int(e.get("tp_size", 1)) for e in engines)
         futures = []
         offset = 1
         for e in engines:
-            futures.append(self._pool.submit(_post, f"{e['url']}/init_weights_update_group", {
+            futures.append(self._pool.submit(self._post, f"{e['url']}/init_weights_update_group", {
                 "master_address": master_address, "master_port": master_port, "rank_offset": offset,
                 "world_size": world_size, "group_name": self._group_name, "backend": backend}))
             offset += int(e.get("tp_size", 1))
@@ -183,17 +246,19 @@ class WeightSync:
 
         if self.rank == 0:
             self._ensure_group(engines)
-        for bucket, is_last in _with_last(trainer.export_weights(self.bucket_bytes)):
+        for bucket, is_last in self._timed_buckets(trainer):
             if self.rank != 0:
                 continue
+            start = time.perf_counter()
             tensors = [t.detach().to(self._group.device).contiguous() for _, t in bucket]
             payload = {"names": [n for n, _ in bucket], "dtypes": [dtype_name(t.dtype) for t in tensors],
                        "shapes": [list(t.shape) for t in tensors], "group_name": self._group_name,
                        "flush_cache": is_last, "weight_version": str(version)}
-            futures = [self._pool.submit(_post, f"{e['url']}/update_weights_from_distributed", payload) for e in engines]
+            futures = [self._pool.submit(self._post, f"{e['url']}/update_weights_from_distributed", payload) for e in engines]
             broadcast_tensors(self._group, tensors, src=0)
             for f in futures:
                 f.result()
+            self._add_time("engine_s", start)
 
     def _destroy_group(self) -> None:
         if self._group is None:
@@ -202,7 +267,7 @@ class WeightSync:
 
         for url in self._group_engines:
             try:
-                _post(f"{url}/destroy_weights_update_group", {"group_name": self._group_name}, timeout=60)
+                self._post(f"{url}/destroy_weights_update_group", {"group_name": self._group_name}, timeout=60)
             except Exception as e:  # the engine may be gone already
                 logger.warning("destroy_weights_update_group on %s failed: %s", url, e)
         destroy(self._group)
@@ -214,11 +279,16 @@ class WeightSync:
     def _update_by_disk(self, trainer: Any, urls: list[str], version: int) -> None:
         base = getattr(self.args, "update_weight_disk_dir", None) or os.path.join(tempfile.gettempdir(), "slime_weights")
         path = os.path.join(base, f"weights_v{version}")
+        start = time.perf_counter()
         trainer.save_hf(path)
+        self._add_time("export_s", start)
+        start = time.perf_counter()
         if self.rank == 0:
             self._post_all(urls, "update_weights_from_disk", {"model_path": path, "weight_version": str(version)})
+        self._add_time("engine_s", start)
 
     def close(self) -> None:
         if self.rank == 0:
             self._destroy_group()
         self._pool.shutdown(wait=False)
+        self._http.close()

@@ -1,0 +1,262 @@
+"""slime against TRL's GRPOTrainer: the same GRPO workload on the same GPU, one run after the other.
+
+    python benchmarks/vs_trl.py --workdir /tmp/vs_trl --out vs_trl.json --slime-out rl_step_colocated.json
+    python benchmarks/vs_trl.py --workdir /tmp/vs_trl --sft-model /tmp/rl/sft_model --out vs_trl.json
+    python benchmarks/vs_trl.py --smoke --workdir /tmp/vs_trl_smoke          # CPU, tiny preset (needs trl)
+
+1. slime: `benchmarks/rl_step.py --mode colocated` in a subprocess (1 GPU, trainer and engine resident; it
+   also makes the SFT-warmed checkpoint unless --sft-model names one); its JSON is kept (--slime-out).
+2. TRL: `GRPOTrainer` in a second subprocess (so GPU memory starts clean), from the same SFT-warmed checkpoint,
+   with its default generation path (HF `generate`, no vLLM), the reward being the task's exact-answer check.
+Both runs use the same prompts (the task's train split, shuffled), prompts x samples per step, max new tokens,
+temperature (top-p 1, no top-k), learning rate and AdamW (betas 0.9/0.999, no weight decay, constant LR, grad
+clip 1.0), clipped policy loss (eps 0.2) with per-sequence mean aggregation and group-normalised advantages,
+no KL (beta 0), bf16 compute over fp32 master weights, one optimizer step per rollout (TRL: gradient
+accumulation over micro-batches of --trl-micro-batch completions, one generation batch per step) and the
+same number of steps. TRL runs without gradient checkpointing (slime recomputes nothing either).
+Per-step time is wall time per optimizer step (generation, scoring, log-probs, backward, optimizer; for slime
+also the weight sync), `*_seconds` their sum over all steps (start-up excluded, shown apart); final reward is
+the mean training reward of the last 3 steps. Prints one JSON object (`--out` also writes it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))  # run as a script from anywhere
+
+FINAL_TAIL = 3
+SHARED = ("num_steps", "rollout_batch_size", "n_samples_per_prompt", "max_response_len", "temperature", "lr", "seed")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--out", default=None, help="also write the JSON object here")
+    p.add_argument("--slime-out", default=None, help="also keep slime's full rl_step JSON here")
+    p.add_argument("--smoke", action="store_true", help="CPU check: tiny preset, 2 steps, small batches")
+    p.add_argument("--sft-model", default=None, help="SFT-warmed HF checkpoint (default: slime's run makes one)")
+    p.add_argument("--num-steps", type=int, default=20)
+    p.add_argument("--rollout-batch-size", type=int, default=32)
+    p.add_argument("--n-samples-per-prompt", type=int, default=8)
+    p.add_argument("--max-response-len", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--trl-micro-batch", type=int, default=64, help="completions per TRL forward/backward")
+    p.add_argument("--rl-step-args", default="", help="more benchmarks/rl_step.py flags for the slime run")
+    p.add_argument("--skip-slime", action="store_true", help="TRL only (needs --sft-model)")
+    p.add_argument("--trl-worker", action="store_true", help=argparse.SUPPRESS)  # internal: the TRL subprocess
+    p.add_argument("--data", default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    o = build_parser().parse_args(argv)
+    if o.smoke:
+        o.num_steps, o.rollout_batch_size, o.n_samples_per_prompt, o.max_response_len = 2, 4, 2, 4
+        o.trl_micro_batch = 4
+    samples = o.rollout_batch_size * o.n_samples_per_prompt
+    o.trl_micro_batch = min(o.trl_micro_batch, samples)
+    if samples % o.trl_micro_batch:
+        raise ValueError(f"--trl-micro-batch {o.trl_micro_batch} must divide the samples per step ({samples})")
+    if o.skip_slime and not o.sft_model:
+        raise ValueError("--skip-slime needs --sft-model (the checkpoint TRL starts from)")
+    return o
+
+
+def _shared_flags(o: argparse.Namespace) -> list[str]:
+    flags = []
+    for name in SHARED:
+        flags += [f"--{name.replace('_', '-')}", str(getattr(o, name))]
+    return flags
+
+
+# ---------------------------------------------------------------------------------------------------- TRL
+class _StepTimer:
+    """TrainerCallback body: wall seconds of each optimizer step (generation happens inside the step)."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+        self._start = 0.0
+
+    @staticmethod
+    def _sync() -> None:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._sync()
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._sync()
+        self.seconds.append(time.perf_counter() - self._start)
+
+
+def exact_answer_reward(completions: list[Any], label: list[str], **kwargs: Any) -> list[float]:
+    """TRL reward function with slime's check (`slime.data.synthetic.is_correct_answer`)."""
+    from slime.data.synthetic import is_correct_answer
+
+    texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+    return [1.0 if is_correct_answer(text, lab) else 0.0 for text, lab in zip(texts, label)]
+
+
+def run_trl(o: argparse.Namespace) -> dict[str, Any]:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    t0 = time.perf_counter()
+    on_gpu = torch.cuda.is_available() and not o.smoke
+    records = [json.loads(line) for line in Path(o.data).read_text().splitlines() if line.strip()]
+    dataset = Dataset.from_list([{"prompt": r["messages"], "label": str(r["label"])} for r in records])
+    samples = o.rollout_batch_size * o.n_samples_per_prompt
+    config = GRPOConfig(
+        output_dir=str(Path(o.workdir) / "trl"), max_steps=o.num_steps, seed=o.seed,
+        per_device_train_batch_size=o.trl_micro_batch, gradient_accumulation_steps=samples // o.trl_micro_batch,
+        num_generations=o.n_samples_per_prompt, max_completion_length=o.max_response_len,
+        temperature=o.temperature, top_p=1.0, top_k=0, beta=0.0, loss_type="grpo", scale_rewards="group",
+        epsilon=0.2, num_iterations=1, learning_rate=o.lr, lr_scheduler_type="constant", warmup_steps=0,
+        weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, max_grad_norm=1.0, optim="adamw_torch",
+        bf16=on_gpu, use_cpu=not on_gpu, gradient_checkpointing=False, logging_steps=1, report_to="none",
+        save_strategy="no", dataloader_num_workers=0, disable_dropout=True,
+    )
+    tokenizer = AutoTokenizer.from_pretrained(o.sft_model)
+    model = AutoModelForCausalLM.from_pretrained(o.sft_model, dtype=torch.float32)
+    timer = _StepTimer()
+    callback = type("StepTimerCallback", (TrainerCallback,), {
+        "on_step_begin": lambda self, *a, **k: timer.on_step_begin(*a, **k),
+        "on_step_end": lambda self, *a, **k: timer.on_step_end(*a, **k)})()
+    trainer = GRPOTrainer(model=model, reward_funcs=exact_answer_reward, args=config, train_dataset=dataset,
+                          processing_class=tokenizer, callbacks=[callback])
+    setup = time.perf_counter() - t0
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "reward" in entry]
+    rewards = [float(entry["reward"]) for entry in logs]
+    return {
+        "setup_seconds": round(setup, 1), "wall_seconds": round(time.perf_counter() - t0, 1),
+        "step_seconds": [round(s, 4) for s in timer.seconds], "rewards": [round(r, 4) for r in rewards],
+        "completion_len": [round(float(e.get("completions/mean_length", 0.0)), 2) for e in logs],
+        "peak_allocated_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if on_gpu else None,
+        "versions": {"trl": __import__("trl").__version__, "transformers": __import__("transformers").__version__,
+                     "torch": torch.__version__},
+    }
+
+
+# ---------------------------------------------------------------------------------------------------- driver
+def _run(cmd: list[str], what: str) -> None:
+    print(f"[vs_trl] {what}: {' '.join(cmd)}", flush=True)
+    done = subprocess.run(cmd, cwd=str(REPO_ROOT), check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{what} failed with exit code {done.returncode} (its output is above)")
+
+
+def run_slime(o: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    out = workdir / "slime.json"
+    cmd = [sys.executable, str(REPO_ROOT / "benchmarks" / "rl_step.py"), "--mode", "colocated",
+           "--workdir", str(workdir / "slime"), "--out", str(out)] + _shared_flags(o)
+    if o.smoke:
+        cmd.append("--smoke")
+    if o.sft_model:
+        cmd += ["--sft-model", o.sft_model]
+    _run(cmd + o.rl_step_args.split(), "slime")
+    return json.loads(out.read_text())
+
+
+def trl_subprocess(o: argparse.Namespace, workdir: Path, sft_model: str, data: Path) -> dict[str, Any]:
+    out = workdir / "trl.json"
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--trl-worker", "--workdir", str(workdir),
+           "--sft-model", sft_model, "--data", str(data), "--out", str(out),
+           "--trl-micro-batch", str(o.trl_micro_batch)] + _shared_flags(o)
+    if o.smoke:
+        cmd.append("--smoke")
+    _run(cmd, "TRL")
+    return json.loads(out.read_text())
+
+
+def _final(rewards: list[float]) -> float | None:
+    tail = rewards[-FINAL_TAIL:]
+    return round(sum(tail) / len(tail), 4) if tail else None
+
+
+def _median_after_first(values: list[float]) -> float | None:
+    values = values[1:] if len(values) > 1 else values
+    return round(statistics.median(values), 4) if values else None
+
+
+def compare(o: argparse.Namespace) -> dict[str, Any]:
+    from benchmarks.rl_step import gpu_name, make_task
+
+    workdir = Path(o.workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    slime: dict[str, Any] | None = None
+    if not o.skip_slime:
+        slime = run_slime(o, workdir)
+        if o.slime_out:
+            Path(o.slime_out).parent.mkdir(parents=True, exist_ok=True)
+            Path(o.slime_out).write_text(json.dumps(slime, indent=2) + "\n")
+    sft_model = o.sft_model or (slime or {}).get("sft", {}).get("model")
+    if not sft_model:
+        raise RuntimeError("slime's run named no SFT model; pass --sft-model")
+    # the same prompts slime trained on: rl_step's task files (rebuilt identically when slime was skipped)
+    data = workdir / "slime" / "data" / "train.jsonl"
+    if not data.exists():
+        from benchmarks.rl_step import parse_args as rl_parse
+
+        rl_argv = ["--workdir", str(workdir / "slime")] + (["--smoke"] if o.smoke else []) + o.rl_step_args.split()
+        data = make_task(rl_parse(rl_argv), workdir / "slime")["train"]
+    trl = trl_subprocess(o, workdir, sft_model, data)
+    result: dict[str, Any] = {"benchmark": "vs_trl", "gpu": gpu_name()}
+    if slime is not None:
+        slime_steps = [r["step_s"] for r in slime["rows"]]
+        slime_rewards = [r["reward"] for r in slime["rows"] if "reward" in r]
+        result.update(slime_seconds=round(sum(slime_steps), 3), slime_final_reward=_final(slime_rewards),
+                      slime_median_step_seconds=_median_after_first(slime_steps))
+    result.update(trl_seconds=round(sum(trl["step_seconds"]), 3), trl_final_reward=_final(trl["rewards"]),
+                  trl_median_step_seconds=_median_after_first(trl["step_seconds"]))
+    if slime is not None and result["slime_seconds"] > 0:
+        result["speedup_total"] = round(result["trl_seconds"] / result["slime_seconds"], 2)
+        if result["slime_median_step_seconds"]:
+            result["speedup_median_step"] = round(result["trl_median_step_seconds"] / result["slime_median_step_seconds"], 2)
+    result["settings"] = {name: getattr(o, name) for name in SHARED}
+    result["settings"].update(samples_per_step=o.rollout_batch_size * o.n_samples_per_prompt, sft_model=sft_model,
+                              trl_micro_batch=o.trl_micro_batch, kl_beta=0.0, eps_clip=0.2, optimizer="AdamW",
+                              slime_placement="colocated, 1 GPU, trainer and engine resident",
+                              trl_generation="transformers generate (no vLLM)")
+    if slime is not None:
+        result["slime"] = {"step_seconds": [r["step_s"] for r in slime["rows"]], "rewards": slime_rewards,
+                           "setup_seconds": slime["grpo"]["setup_seconds"], "summary": slime["summary"]}
+    result["trl"] = trl
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    o = parse_args(sys.argv[1:] if argv is None else argv)
+    result = run_trl(o) if o.trl_worker else compare(o)
+    text = json.dumps(result, indent=2)
+    if not o.trl_worker:
+        print(text, flush=True)
+    if o.out:
+        Path(o.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(o.out).write_text(text + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()

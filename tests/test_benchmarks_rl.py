@@ -1,0 +1,68 @@
+"""CPU smoke runs of the GRPO step benchmark and the TRL comparison (tiny preset, 2 steps each).
+
+    python -m pytest -q tests/test_benchmarks_rl.py
+
+With trl installed, `benchmarks/vs_trl.py --smoke` runs both (slime's rl_step smoke run is its first half);
+without it, `benchmarks/rl_step.py --smoke` runs on its own.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+HAS_TRL = importlib.util.find_spec("trl") is not None and importlib.util.find_spec("datasets") is not None
+
+ROW_KEYS = ("step", "step_s", "rollout_s", "log_prob_s", "train_s", "train_update_s", "weight_sync_s",
+            "rollout_tokens_per_s", "train_tokens_per_s", "reward")
+
+
+def _script(name: str, *argv: str) -> None:
+    done = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / name), *argv], cwd=str(REPO_ROOT),
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def check_rl_step(result: dict) -> None:
+    assert result["benchmark"] == "rl_step" and result["settings"]["mode"] == "colocated"
+    assert result["sft"]["steps"] == 2 and Path(result["sft"]["model"], "config.json").exists()
+    rows = result["rows"]
+    assert [r["step"] for r in rows] == [0, 1]
+    for row in rows:
+        for key in ROW_KEYS:
+            assert key in row, key
+        for key in ROW_KEYS[1:-1]:
+            assert row[key] > 0, (key, row[key])
+        assert row["log_prob_s"] < row["train_s"]
+        assert 0.0 <= row["reward"] <= 1.0
+    summary = result["summary"]
+    assert summary["steps"] == 2 and summary["median_step_s"] > 0 and summary["total_step_seconds"] > 0
+    assert summary["reward_first"] is not None and summary["reward_last"] is not None
+
+
+@pytest.mark.skipif(HAS_TRL, reason="the vs_trl smoke test covers rl_step's smoke run")
+def test_rl_step_smoke(tmp_path):
+    out = tmp_path / "rl_step.json"
+    _script("rl_step.py", "--smoke", "--workdir", str(tmp_path / "work"), "--out", str(out))
+    check_rl_step(json.loads(out.read_text()))
+
+
+@pytest.mark.skipif(not HAS_TRL, reason="needs trl and datasets (pip install -e '.[bench]')")
+def test_vs_trl_smoke(tmp_path):
+    out, slime_out = tmp_path / "vs_trl.json", tmp_path / "rl_step.json"
+    _script("vs_trl.py", "--smoke", "--workdir", str(tmp_path / "work"), "--out", str(out),
+            "--slime-out", str(slime_out))
+    check_rl_step(json.loads(slime_out.read_text()))
+    result = json.loads(out.read_text())
+    for key in ("gpu", "slime_seconds", "trl_seconds", "slime_final_reward", "trl_final_reward"):
+        assert key in result, key
+    assert result["slime_seconds"] > 0 and result["trl_seconds"] > 0
+    assert 0.0 <= result["slime_final_reward"] <= 1.0 and 0.0 <= result["trl_final_reward"] <= 1.0
+    assert len(result["trl"]["step_seconds"]) == 2 and len(result["trl"]["rewards"]) == 2
+    assert result["settings"]["samples_per_step"] == 8
