@@ -12,7 +12,7 @@ count is agreed across ranks and short ranks get empty micro-batches.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
@@ -141,10 +141,18 @@ class PackedRow:
     predict_positions: torch.Tensor  # [N] positions whose logits predict a response token
     targets: torch.Tensor  # [N] the response tokens
     response_lengths: list[int]
+    seq_lengths: list[int] = field(default_factory=list)  # tokens of each sample, in row order
 
     @property
     def num_tokens(self) -> int:
         return int(self.input_ids.shape[1])
+
+
+def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """Host tensor -> device without a host sync on CUDA (pinned staging, non-blocking copy)."""
+    if torch.device(device).type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def pack_samples(tokens: Sequence[Sequence[int]], response_lengths: Sequence[int], device: torch.device | str,
@@ -154,7 +162,7 @@ def pack_samples(tokens: Sequence[Sequence[int]], response_lengths: Sequence[int
         zero = torch.zeros(1, 1, dtype=torch.long, device=device)
         empty = torch.zeros(0, dtype=torch.long, device=device)
         zero[0, 0] = pad_token_id
-        return PackedRow(zero, torch.zeros(1, 1, dtype=torch.long, device=device), empty, empty, [])
+        return PackedRow(zero, torch.zeros(1, 1, dtype=torch.long, device=device), empty, empty, [], [1])
     ids, pos, predict, targets = [], [], [], []
     offset = 0
     for toks, resp in zip(tokens, response_lengths):
@@ -165,9 +173,10 @@ def pack_samples(tokens: Sequence[Sequence[int]], response_lengths: Sequence[int
         targets.append(ids[-1][length - resp:])
         offset += length
     return PackedRow(
-        input_ids=torch.cat(ids).unsqueeze(0).to(device),
-        position_ids=torch.cat(pos).unsqueeze(0).to(device),
-        predict_positions=torch.cat(predict).to(device),
-        targets=torch.cat(targets).to(device),
+        input_ids=to_device(torch.cat(ids).unsqueeze(0), device),
+        position_ids=to_device(torch.cat(pos).unsqueeze(0), device),
+        predict_positions=to_device(torch.cat(predict), device),
+        targets=to_device(torch.cat(targets), device),
         response_lengths=[int(r) for r in response_lengths],
+        seq_lengths=[len(t) for t in tokens],
     )

@@ -16,7 +16,8 @@ from torch.utils.checkpoint import checkpoint
 
 
 def _chunk_log_probs(hidden: torch.Tensor, targets: torch.Tensor, project: Callable[[torch.Tensor], torch.Tensor],
-                     temperature: float, with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                     temperature: float, with_entropy: bool, entropy_grad: bool = True
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     logits = project(hidden).float()
     if temperature != 1.0:
         logits = logits / temperature
@@ -24,6 +25,9 @@ def _chunk_log_probs(hidden: torch.Tensor, targets: torch.Tensor, project: Calla
     picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_norm
     if not with_entropy:
         return picked, torch.zeros_like(picked)
+    if not entropy_grad:  # a metric only: no [N, V] tensors kept for backward
+        with torch.no_grad():
+            return picked, log_norm.detach() - (torch.softmax(logits, dim=-1) * logits).sum(-1)
     probs = torch.softmax(logits, dim=-1)
     entropy = log_norm - (probs * logits).sum(-1)
     return picked, entropy
@@ -31,9 +35,10 @@ def _chunk_log_probs(hidden: torch.Tensor, targets: torch.Tensor, project: Calla
 
 def chunked_log_probs_and_entropy(hidden: torch.Tensor, targets: torch.Tensor,
                                   project: Callable[[torch.Tensor], torch.Tensor], *, temperature: float = 1.0,
-                                  chunk_size: int = -1, with_entropy: bool = True
+                                  chunk_size: int = -1, with_entropy: bool = True, entropy_grad: bool = True
                                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """hidden [N, H], targets [N] -> (log_probs [N], entropy [N]) in fp32; chunk_size <= 0 means one chunk."""
+    """hidden [N, H], targets [N] -> (log_probs [N], entropy [N]) in fp32; chunk_size <= 0 means one chunk.
+    entropy_grad=False: the entropy carries no gradient (cheaper when it is only reported)."""
     assert hidden.shape[0] == targets.shape[0]
     if temperature <= 0:
         raise ValueError(f"--rollout-temperature must be > 0, got {temperature}")
@@ -47,9 +52,10 @@ def chunked_log_probs_and_entropy(hidden: torch.Tensor, targets: torch.Tensor,
     for start in range(0, n, size):
         h, t = hidden[start:start + size], targets[start:start + size]
         if recompute:
-            lp, ent = checkpoint(_chunk_log_probs, h, t, project, temperature, with_entropy, use_reentrant=False)
+            lp, ent = checkpoint(_chunk_log_probs, h, t, project, temperature, with_entropy, entropy_grad,
+                                 use_reentrant=False)
         else:
-            lp, ent = _chunk_log_probs(h, t, project, temperature, with_entropy)
+            lp, ent = _chunk_log_probs(h, t, project, temperature, with_entropy, entropy_grad)
         log_probs.append(lp)
         entropies.append(ent)
     return torch.cat(log_probs), torch.cat(entropies)

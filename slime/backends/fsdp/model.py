@@ -20,7 +20,11 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from slime.backends.fsdp.batching import PackedRow
+from slime.backends.fsdp.fused_ops import enabled as fused_ops_enabled
+from slime.backends.fsdp.fused_ops import fuse_elementwise_ops
 from slime.backends.fsdp.log_probs import chunked_log_probs_and_entropy
+from slime.backends.fsdp.packed_attention import PACKED_ATTENTION, packed_attention_kwargs
+from slime.backends.fsdp.packed_attention import register as register_packed_attention
 
 HF_PREFIX = "hf."
 
@@ -31,15 +35,23 @@ def hf_name(name: str) -> str:
 
 
 def attention_implementation(device: str) -> str:
-    """flash-attention handles packed rows natively on GPU; sdpa gets a block-diagonal mask from position ids."""
+    """flash-attention handles packed rows natively on GPU; without it the packed varlen attention
+    (`packed_attention.py`); on CPU sdpa gets a block-diagonal mask from position ids."""
     if device == "cuda":
         try:
             import flash_attn  # noqa: F401
 
             return "flash_attention_2"
         except ImportError:
-            pass
+            return register_packed_attention()
     return "sdpa"
+
+
+def _attention_kwargs(hf_model: nn.Module, row: PackedRow) -> dict[str, Any]:
+    """The sample boundaries of the row, for the packed attention (the other implementations read position ids)."""
+    if getattr(hf_model.config, "_attn_implementation", None) != PACKED_ATTENTION:
+        return {}
+    return packed_attention_kwargs(row.seq_lengths or [row.num_tokens], row.input_ids.device)
 
 
 def _auto_class(role: str):
@@ -105,17 +117,20 @@ class PolicyModel(nn.Module):
 
     def body(self, row: PackedRow) -> torch.Tensor:
         out = self.hf.model(input_ids=row.input_ids, position_ids=row.position_ids, attention_mask=None,
-                            use_cache=False)
+                            use_cache=False, **_attention_kwargs(self.hf, row))
         return out.last_hidden_state[0]
 
     def forward(self, row: PackedRow, temperature: float = 1.0, chunk_size: int = -1, with_entropy: bool = True,
-                return_logits: bool = False) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
-        """return_logits: the whole row's logits [1, T, V] / temperature in fp32 (for --loss-type custom_loss)."""
+                return_logits: bool = False, entropy_grad: bool = True
+                ) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
+        """return_logits: the whole row's logits [1, T, V] / temperature in fp32 (for --loss-type custom_loss).
+        entropy_grad=False computes the entropy without autograd (a metric only: --entropy-coef 0)."""
         if return_logits:
             return self.hf.lm_head(self.body(row).unsqueeze(0)).float() / temperature
         hidden = self.body(row).index_select(0, row.predict_positions)
         return chunked_log_probs_and_entropy(hidden, row.targets, self.hf.lm_head, temperature=temperature,
-                                             chunk_size=chunk_size, with_entropy=with_entropy)
+                                             chunk_size=chunk_size, with_entropy=with_entropy,
+                                             entropy_grad=entropy_grad)
 
 
 class ValueModel(nn.Module):
@@ -128,7 +143,7 @@ class ValueModel(nn.Module):
 
     def forward(self, row: PackedRow) -> torch.Tensor:
         out = self.hf.model(input_ids=row.input_ids, position_ids=row.position_ids, attention_mask=None,
-                            use_cache=False)
+                            use_cache=False, **_attention_kwargs(self.hf, row))
         hidden = out.last_hidden_state[0].index_select(0, row.predict_positions)
         return self.hf.score(hidden).float().squeeze(-1)
 
@@ -148,8 +163,10 @@ def shard_model(model: nn.Module, mesh: DeviceMesh, device: str, *, recompute: b
             model.hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device == "cuda"
           else MixedPrecisionPolicy())
+    # one rank without recomputation: keep each layer's bf16 copy from forward to backward (no second cast/gather)
+    reshard = not (device == "cuda" and mesh.size() == 1 and not recompute)
     for layer in decoder_layers(model.hf):
-        fully_shard(layer, mesh=mesh, mp_policy=mp)
+        fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
     fully_shard(model, mesh=mesh, mp_policy=mp)
     return model
 
@@ -182,6 +199,8 @@ def build_sharded_policy(args: Any, mesh: DeviceMesh, path: str | None = None, r
     apply_trainable_patterns(hf_model, getattr(args, "only_train_params_name_list", None),
                              getattr(args, "freeze_params_name_list", None))
     recompute = getattr(args, "recompute_granularity", None) == "full"
+    if fused_ops_enabled(device):
+        fuse_elementwise_ops(hf_model)
     wrapper = ValueModel(hf_model) if role == "critic" else PolicyModel(hf_model)
     model = shard_model(wrapper, mesh, device, recompute=recompute)
     if not multi_rank:

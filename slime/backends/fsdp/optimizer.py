@@ -120,7 +120,7 @@ def build_optimizer(named_params: Iterable[tuple[str, torch.nn.Parameter]], args
                           {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
     return torch.optim.AdamW(
         groups, lr=float(args.lr), betas=(float(args.adam_beta1), float(args.adam_beta2)), eps=float(args.adam_eps),
-        foreach=False,
+        foreach=str(getattr(args, "device", "cpu")) == "cuda",  # multi-tensor kernels on GPU; CPU keeps the loop
     )
 
 

@@ -34,7 +34,8 @@ from slime.algo.reduce import get_sum_of_sample_mean
 from slime.algo.rl_loss import EXTREMUM_METRICS, compute_advantages_from_args, compute_rl_loss
 from slime.rollout.train_data import apply_rollout_data_postprocess
 from slime.backends.fsdp import checkpoint as ckpt
-from slime.backends.fsdp.batching import pack_samples, plan_micro_batches, split_into_steps, validate_rollout_data
+from slime.backends.fsdp.batching import (pack_samples, plan_micro_batches, split_into_steps, to_device,
+                                         validate_rollout_data)
 from slime.backends.fsdp.distributed import all_reduce_max, all_reduce_sums, build_mesh, ensure_process_group
 from slime.backends.fsdp.model import PolicyModel, ValueModel, build_sharded_policy, hf_name, reshard_all
 from slime.backends.fsdp.offload import offload_to_cpu, onload_to_device
@@ -316,10 +317,13 @@ class FSDPTrainer:
             mb = dict(mb, unconcat_tokens=[torch.as_tensor(t, device=logits.device) for t in mb["tokens"]])
             loss, metrics = fn(args, mb, logits, reducer)
             return loss, dict(metrics)
-        lp, ent = self.model(row, self.temperature, int(_arg(args, "log_probs_chunk_size", -1)), True)
-        device = lp.device
-        to_dev = {k: [t.to(device) for t in mb[k]] for k in PER_SAMPLE_TENSOR_KEYS if k in mb and mb[k] is not None}
+        device = row.input_ids.device  # per-sample tensors go over before the forward, without a host sync
+        to_dev = {k: [to_device(t, device) for t in mb[k]] for k in PER_SAMPLE_TENSOR_KEYS
+                  if k in mb and mb[k] is not None}
         mb = dict(mb, **to_dev)
+        entropy_grad = float(_arg(args, "entropy_coef", 0.0)) != 0.0
+        lp, ent = self.model(row, self.temperature, int(_arg(args, "log_probs_chunk_size", -1)), True,
+                             entropy_grad=entropy_grad)
         return compute_rl_loss(args, mb, log_probs=list(lp.split(row.response_lengths)),
                                entropy=list(ent.split(row.response_lengths)))
 
@@ -401,7 +405,7 @@ class FSDPTrainer:
         params = [p for p in self.model.parameters() if p.requires_grad and p.grad is not None]
         clip = _arg(self.args, "clip_grad", 1.0)
         max_norm = float(clip) if clip and clip > 0 else math.inf
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=False)
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=self.device == "cuda")
         if isinstance(norm, DTensor):
             norm = norm.full_tensor()
         return float(norm)

@@ -1,0 +1,31 @@
+"""benchmarks/train_throughput.py --smoke: CPU, tiny preset, gloo, one step; checks the JSON, not the timings.
+
+    python -m pytest -q tests/test_benchmarks_train.py
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_train_throughput_smoke_writes_the_json(tmp_path) -> None:
+    out = tmp_path / "train.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_throughput.py"), "--smoke", "--out",
+                           str(out), "--model-dir", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert json.loads(proc.stdout) == result
+    for key in ("device", "measured_peak_tflops", "flops_formula", "packed_attention_check", "presets"):
+        assert key in result
+    assert result["packed_attention_check"]["max_abs_diff_vs_per_sample_sdpa"] < 1e-5
+    tiny = result["presets"]["tiny"]
+    assert tiny["dense_params"] > 0
+    assert tiny["slime"]["tokens_per_s_per_gpu"] > 0 and tiny["slime"]["model_tflops_per_s_per_gpu"] > 0
+    assert tiny["mfu_vs_measured_peak"] > 0
+    assert tiny["hf_baseline"]["tokens_per_s"] > 0 and tiny["speedup_vs_hf_per_gpu"] > 0
+    assert tiny["slime"]["attention"] == "sdpa"
