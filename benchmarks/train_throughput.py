@@ -2,6 +2,7 @@
 
     python benchmarks/train_throughput.py --presets qwen3-0.6b,qwen3-4b --num-gpus 1 --out $OUT/train.json
     python benchmarks/train_throughput.py --presets qwen3-4b --num-gpus 4 --out $OUT/train_4b_x4.json
+    python benchmarks/train_throughput.py --presets qwen3-4b --num-gpus 4 --variants eager,layer --no-baseline
     python benchmarks/train_throughput.py --smoke            # CPU, tiny preset, gloo, 1 step (the CPU test)
 
 For each preset: a random-weight checkpoint from `tools/make_tiny_model.py`, then `--num-gpus`
@@ -23,7 +24,11 @@ same run and the 989 TFLOP/s H100 SXM datasheet figure.
 Baseline, same GPU and the same tokens as rank 0: a plain HF loop (fp32 weights, bf16 autocast,
 sdpa, one sample per forward, gradient accumulation over the step, torch AdamW, grad clipping).
 `--profile` adds one profiled rollout on rank 0 and prints two torch.profiler tables (by GPU time, by
-host time). SLIME_FSDP_COMPILE=1 turns on the compiled elementwise ops (slime/backends/fsdp/fused_ops.py).
+host time). `--variants` runs the trainer once per variant on the same checkpoint and rollouts (one
+baseline): `eager`, `fused` (SLIME_FSDP_COMPILE=1, slime/backends/fsdp/fused_ops.py), `layer`
+(SLIME_FSDP_COMPILE=layer, slime/backends/fsdp/layer_compile.py), `layer-dynamic` (the same with
+dynamic=True from the first call); the JSON keeps each under `variants` (`slime` is the first one) and
+a table of them is printed last, on stderr. The default `env` keeps whatever SLIME_FSDP_COMPILE says.
 Prints one JSON object; `--out` also writes it. On one H100 (torch 2.11) a preset takes 2-5 minutes,
 most of it writing / loading the checkpoint and the HF baseline: run one preset per command.
 """
@@ -31,6 +36,7 @@ most of it writing / loading the checkpoint and the HF baseline: run one preset 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -39,7 +45,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -50,6 +56,16 @@ H100_DATASHEET_BF16_TFLOPS = 989.0
 FLOPS_FORMULA = ("6*N_dense*tokens + 6*vocab*hidden*response_tokens + 6*layers*heads*head_dim*sum(seq_len^2) "
                  "(causal attention = 12*layers*heads*head_dim*seq_len^2/2); N_dense = parameters without the "
                  "embedding / lm-head matrix; recomputation not counted")
+
+
+# variant -> environment of its ranks (None: leave the variable as the caller set it)
+VARIANTS: dict[str, dict[str, str | None]] = {
+    "env": {},
+    "eager": {"SLIME_FSDP_COMPILE": "0"},
+    "fused": {"SLIME_FSDP_COMPILE": "1"},
+    "layer": {"SLIME_FSDP_COMPILE": "layer", "SLIME_FSDP_COMPILE_DYNAMIC": "0"},
+    "layer-dynamic": {"SLIME_FSDP_COMPILE": "layer", "SLIME_FSDP_COMPILE_DYNAMIC": "1"},
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -65,6 +81,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--recompute", choices=["auto", "on", "off"], default="auto")
     p.add_argument("--log-probs-chunk-size", type=int, default=-1)
     p.add_argument("--no-baseline", action="store_true")
+    p.add_argument("--variants", default="env", help=f"comma-separated, from {', '.join(VARIANTS)}")
     p.add_argument("--alloc-conf", default="expandable_segments:True",
                    help="PYTORCH_CUDA_ALLOC_CONF for the run (micro-batch sizes vary; '' leaves it unset)")
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table of one extra rollout")
@@ -75,6 +92,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.smoke:
         args.presets, args.max_tokens_per_gpu, args.samples_per_rank = "tiny", 256, 6
         args.min_len, args.max_len, args.steps, args.warmup = 16, 96, 1, 0
+    args.variant_list = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in args.variant_list if v not in VARIANTS]
+    if unknown or not args.variant_list or len(set(args.variant_list)) != len(args.variant_list):
+        raise ValueError(f"--variants {args.variants!r}: expected distinct names from {', '.join(VARIANTS)}")
     if not 0 < args.min_len <= args.max_len <= args.max_tokens_per_gpu:
         raise ValueError("need 0 < --min-len <= --max-len <= --max-tokens-per-gpu")
     return args
@@ -210,7 +231,7 @@ def slime_worker(rank: int, cfg: dict[str, Any], model_dir: str, port: int, resu
     trainer = FSDPTrainer(trainer_args(model_dir, cfg, cfg["recompute"]))
     trainer.init()
     shape = cfg["shape"]
-    times, tokens, flops = [], 0, 0.0
+    times, warmup_times, tokens, flops = [], [], 0, 0.0
     for step in range(cfg["warmup"] + cfg["steps"]):
         data = synthetic_rollout(cfg["samples_per_rank"], rollout_seed(step, rank), shape["vocab"], cfg["min_len"],
                                  cfg["max_len"])
@@ -224,6 +245,8 @@ def slime_worker(rank: int, cfg: dict[str, Any], model_dir: str, port: int, resu
             times.append(elapsed)
             tokens += sum(len(t) for t in data["tokens"])
             flops += rollout_flops(shape, data)
+        else:
+            warmup_times.append(elapsed)
     totals = torch.tensor([float(tokens), flops, max(times)], dtype=torch.float64,
                           device=device if device == "cuda" else "cpu")
     dist.all_reduce(totals[:2])
@@ -236,7 +259,9 @@ def slime_worker(rank: int, cfg: dict[str, Any], model_dir: str, port: int, resu
                   "model_tflops_per_s_per_gpu": totals[1].item() / seconds / world / 1e12,
                   "attention": trainer.model.hf.config._attn_implementation, "recompute": cfg["recompute"],
                   "final_loss": float(metrics.get("train/loss", float("nan"))),
-                  "fused_ops_compiled_graphs": _compiled_graphs(),
+                  "compile_mode": os.environ.get("SLIME_FSDP_COMPILE", "0"),
+                  "compiled_layers": _compiled_layers(trainer.model), "warmup_seconds": warmup_times,
+                  **_compile_counters(),
                   "peak_memory_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if device == "cuda" else None}
         if profile:
             result["profile_top"] = profile
@@ -245,10 +270,19 @@ def slime_worker(rank: int, cfg: dict[str, Any], model_dir: str, port: int, resu
     dist.destroy_process_group()
 
 
-def _compiled_graphs() -> int:
+def _compile_counters() -> dict[str, int]:
+    """dynamo's counters of this rank: graphs compiled, graph breaks, frames traced / traced without error."""
     from torch._dynamo.utils import counters
 
-    return int(counters["stats"].get("unique_graphs", 0))
+    return {"compiled_graphs": int(counters["stats"].get("unique_graphs", 0)),
+            "graph_breaks": int(sum(counters["graph_break"].values())),
+            "dynamo_frames": [int(counters["frames"].get("total", 0)), int(counters["frames"].get("ok", 0))]}
+
+
+def _compiled_layers(model) -> int:
+    from slime.backends.fsdp.layer_compile import compiled_layer_count
+
+    return compiled_layer_count(model)
 
 
 def _profile_rollout(trainer, cfg: dict[str, Any], rank: int) -> list[dict[str, Any]] | None:
@@ -378,23 +412,87 @@ def run_preset(preset: str, args: argparse.Namespace, device: str, work: Path, p
            "warmup": args.warmup, "profile": args.profile,
            # fp32 weights + grads + Adam (16 B/param) would not leave room for activations: pure bf16 baseline
            "baseline_bf16": 16 * (dense_params(shape) + shape["vocab"] * shape["hidden"]) > 0.7 * gpu_bytes}
-    slime_path, base_path = work / f"{preset}.slime.json", work / f"{preset}.hf.json"
-    _spawn(slime_worker, args.num_gpus, (cfg, str(model_dir), _free_port(), str(slime_path)))
-    slime = json.loads(slime_path.read_text())
-    print(json.dumps({preset: {"slime": {k: v for k, v in slime.items() if k != "profile_top"}}}), file=sys.stderr,
-          flush=True)
     out: dict[str, Any] = {"shape": shape, "dense_params": dense_params(shape), "num_gpus": args.num_gpus,
-                           "checkpoint_seconds": checkpoint_seconds, "slime": slime}
-    achieved = slime["model_tflops_per_s_per_gpu"]
-    out["mfu_vs_measured_peak"] = achieved / peak_measured
-    out["mfu_vs_datasheet_989"] = achieved / H100_DATASHEET_BF16_TFLOPS if device == "cuda" else None
+                           "checkpoint_seconds": checkpoint_seconds, "variants": {}}
+    for variant in args.variant_list:
+        slime_path = work / f"{preset}.{variant}.slime.json"
+        try:
+            with _variant_env(variant):
+                _spawn(slime_worker, args.num_gpus, (cfg, str(model_dir), _free_port(), str(slime_path)))
+            slime = json.loads(slime_path.read_text())
+        except Exception as exc:  # one failing variant must not lose the others' numbers
+            if len(args.variant_list) == 1:
+                raise
+            out["variants"][variant] = {"error": f"{type(exc).__name__}: {str(exc)[-1500:]}"}
+            print(f"variant {variant} failed: {exc}", file=sys.stderr, flush=True)
+            continue
+        achieved = slime["model_tflops_per_s_per_gpu"]
+        slime["mfu_vs_measured_peak"] = achieved / peak_measured
+        slime["mfu_vs_datasheet_989"] = achieved / H100_DATASHEET_BF16_TFLOPS if device == "cuda" else None
+        out["variants"][variant] = slime
+        print(json.dumps({preset: {variant: {k: v for k, v in slime.items() if k != "profile_top"}}}),
+              file=sys.stderr, flush=True)
+    ok = [v for v in args.variant_list if "error" not in out["variants"][v]]
+    if not ok:
+        raise RuntimeError(f"{preset}: every variant failed: {out['variants']}")
+    slime = out["slime"] = out["variants"][ok[0]]
+    out["mfu_vs_measured_peak"] = slime["mfu_vs_measured_peak"]
+    out["mfu_vs_datasheet_989"] = slime["mfu_vs_datasheet_989"]
+    base_path = work / f"{preset}.hf.json"
     if not args.no_baseline:
         _spawn(_single, 1, (baseline_worker, cfg, str(model_dir), str(base_path)))
         base = json.loads(base_path.read_text())
         out["hf_baseline"] = base
         if "tokens_per_s" in base:
             out["speedup_vs_hf_per_gpu"] = slime["tokens_per_s_per_gpu"] / base["tokens_per_s"]
+            for result in out["variants"].values():
+                if "error" not in result:
+                    result["speedup_vs_hf_per_gpu"] = result["tokens_per_s_per_gpu"] / base["tokens_per_s"]
     return out
+
+
+@contextlib.contextmanager
+def _variant_env(variant: str) -> Iterator[None]:
+    """The variant's environment for the ranks spawned inside (they copy os.environ at start)."""
+    saved = {k: os.environ.get(k) for k in VARIANTS[variant]}
+    try:
+        for key, value in VARIANTS[variant].items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def summary_table(result: dict[str, Any]) -> str:
+    """One line per preset and variant: tokens/s/GPU, model TFLOP/s/GPU, MFU, warmup (compile) time."""
+    lines = [f"{'preset':<12} {'variant':<14} {'tok/s/GPU':>10} {'TFLOP/s':>8} {'MFU meas':>8} {'MFU 989':>8} "
+             f"{'vs eager':>8} {'warmup s':>8} {'graphs':>6} {'breaks':>6}"]
+    for preset, out in result["presets"].items():
+        variants = out.get("variants", {})
+        reference = next((v.get("tokens_per_s_per_gpu") for v in variants.values() if "error" not in v), None)
+        if "eager" in variants and "error" not in variants["eager"]:
+            reference = variants["eager"]["tokens_per_s_per_gpu"]
+        for name, v in variants.items():
+            if "error" in v:
+                lines.append(f"{preset:<12} {name:<14} FAILED: {v['error'][-80:]}")
+                continue
+            mfu989 = v.get("mfu_vs_datasheet_989")
+            lines.append(f"{preset:<12} {name:<14} {v['tokens_per_s_per_gpu']:>10.0f} "
+                         f"{v['model_tflops_per_s_per_gpu']:>8.1f} {100 * v['mfu_vs_measured_peak']:>7.1f}% "
+                         + (f"{100 * mfu989:>7.1f}% " if mfu989 is not None else f"{'-':>8} ")
+                         + f"{v['tokens_per_s_per_gpu'] / reference:>7.2f}x {sum(v.get('warmup_seconds') or [0]):>8.1f} "
+                         f"{v.get('compiled_graphs', 0):>6} {v.get('graph_breaks', 0):>6}")
+        base = out.get("hf_baseline")
+        if base and "tokens_per_s" in base:
+            lines.append(f"{preset:<12} {'hf-baseline':<14} {base['tokens_per_s']:>10.0f}")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -408,7 +506,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result: dict[str, Any] = {
         "benchmark": "train_throughput", "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
         "torch": torch.__version__, "num_gpus": args.num_gpus,
-        "fused_ops_compile": os.environ.get("SLIME_FSDP_COMPILE", "0") == "1",
+        "variants": args.variant_list, "slime_fsdp_compile_env": os.environ.get("SLIME_FSDP_COMPILE", "0"),
         "cuda_alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""), "max_tokens_per_gpu": args.max_tokens_per_gpu,
         "sample_lengths": [args.min_len, args.max_len], "samples_per_rank_per_rollout": args.samples_per_rank,
         "timed_rollouts": args.steps, "warmup_rollouts": args.warmup,
@@ -425,6 +523,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text + "\n")
+    print(summary_table(result), file=sys.stderr, flush=True)
     return result
 
 

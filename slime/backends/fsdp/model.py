@@ -5,6 +5,8 @@
 `PolicyModel` wraps the HF causal LM so that one forward call (which FSDP2 hooks) runs the decoder
 on a packed row and returns response-token log-probs and entropy, projected chunk by chunk
 (`log_probs.py`). Its state-dict names are the HF names prefixed with `hf.` (see `hf_name`).
+SLIME_FSDP_COMPILE=layer compiles each decoder layer in place before sharding (`layer_compile.py`),
+=1 only the elementwise ops (`fused_ops.py`); multi-GPU CUDA runs prefetch the next layer's all-gather.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from slime.backends.fsdp.batching import PackedRow
 from slime.backends.fsdp.fused_ops import enabled as fused_ops_enabled
 from slime.backends.fsdp.fused_ops import fuse_elementwise_ops
+from slime.backends.fsdp.layer_compile import compile_decoder_layers, compile_mode
 from slime.backends.fsdp.log_probs import chunked_log_probs_and_entropy
 from slime.backends.fsdp.packed_attention import PACKED_ATTENTION, packed_attention_kwargs
 from slime.backends.fsdp.packed_attention import register as register_packed_attention
@@ -165,9 +168,14 @@ def shard_model(model: nn.Module, mesh: DeviceMesh, device: str, *, recompute: b
           else MixedPrecisionPolicy())
     # one rank without recomputation: keep each layer's bf16 copy from forward to backward (no second cast/gather)
     reshard = not (device == "cuda" and mesh.size() == 1 and not recompute)
-    for layer in decoder_layers(model.hf):
+    layers = decoder_layers(model.hf)
+    for layer in layers:
         fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
     fully_shard(model, mesh=mesh, mp_policy=mp)
+    if device == "cuda" and mesh.size() > 1:
+        # issue layer i+1's all-gather when layer i starts: the host runs ahead less than the GPU needs
+        for layer, following in zip(layers, layers[1:]):
+            layer.set_modules_to_forward_prefetch([following])
     return model
 
 
@@ -199,7 +207,10 @@ def build_sharded_policy(args: Any, mesh: DeviceMesh, path: str | None = None, r
     apply_trainable_patterns(hf_model, getattr(args, "only_train_params_name_list", None),
                              getattr(args, "freeze_params_name_list", None))
     recompute = getattr(args, "recompute_granularity", None) == "full"
-    if fused_ops_enabled(device):
+    mode = compile_mode()
+    if mode == "layer":  # before fully_shard (in place: state-dict names unchanged)
+        compile_decoder_layers(hf_model, device)
+    elif mode == "1" and fused_ops_enabled(device):
         fuse_elementwise_ops(hf_model)
     wrapper = ValueModel(hf_model) if role == "critic" else PolicyModel(hf_model)
     model = shard_model(wrapper, mesh, device, recompute=recompute)

@@ -18,7 +18,6 @@ Used on CUDA when the flash_attn package is missing (`model.attention_implementa
 from __future__ import annotations
 
 import inspect
-from functools import lru_cache
 from typing import Any, Callable, Sequence
 
 import torch
@@ -28,8 +27,7 @@ PACKED_ATTENTION = "slime_packed"
 SEQ_LENGTHS_KEY = "slime_seq_lengths"
 
 
-@lru_cache(maxsize=1)
-def _varlen() -> tuple[Callable | None, frozenset[str]]:
+def _load_varlen() -> tuple[Callable | None, frozenset[str]]:
     """torch's varlen_attn and its keyword names (they changed between torch 2.9 and 2.11+)."""
     try:
         from torch.nn.attention.varlen import varlen_attn
@@ -38,12 +36,24 @@ def _varlen() -> tuple[Callable | None, frozenset[str]]:
     return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
 
 
+# resolved once at import: the attention runs inside compiled decoder layers (layer_compile.py), where
+# plain module globals trace cleanly
+_VARLEN_FN, _VARLEN_PARAMS = _load_varlen()
+
+
 def has_varlen_kernel() -> bool:
-    return _varlen()[0] is not None
+    return _VARLEN_FN is not None
+
+
+def _use_varlen(query: torch.Tensor) -> bool:
+    return query.is_cuda and _VARLEN_FN is not None
 
 
 def packed_attention_kwargs(seq_lengths: Sequence[int], device: torch.device | str) -> dict[str, Any]:
-    """Keyword arguments for the HF model forward that describe the row's samples (lengths sum to the row)."""
+    """Keyword arguments for the HF model forward that describe the row's samples (lengths sum to the row).
+
+    The Python list of lengths goes only where the per-sample fallback needs it: the varlen kernel reads
+    `cu_seq_lens`, and a list input would make compiled layers recompile for every new sample count."""
     lengths = [int(n) for n in seq_lengths]
     bounds = [0]
     for n in lengths:
@@ -52,8 +62,11 @@ def packed_attention_kwargs(seq_lengths: Sequence[int], device: torch.device | s
     if torch.device(device).type == "cuda":
         cu = cu.pin_memory().to(device, non_blocking=True)
     longest = max(lengths) if lengths else 0
-    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest,
-            SEQ_LENGTHS_KEY: lengths}
+    kwargs: dict[str, Any] = {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest,
+                              "max_length_k": longest}
+    if not (torch.device(device).type == "cuda" and has_varlen_kernel()):
+        kwargs[SEQ_LENGTHS_KEY] = lengths
+    return kwargs
 
 
 def _repeat_heads(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -63,7 +76,7 @@ def _repeat_heads(x: torch.Tensor, groups: int) -> torch.Tensor:
 def _varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, longest: int,
                       scale: float) -> torch.Tensor:
     """q [T, H, D], k/v [T, Hkv, D] -> [T, H, D] with one varlen flash call."""
-    fn, params = _varlen()
+    fn, params = _VARLEN_FN, _VARLEN_PARAMS
     assert fn is not None
     kwargs: dict[str, Any] = {}
     groups = q.shape[1] // k.shape[1]
@@ -103,19 +116,21 @@ def packed_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     if dropout:
         raise ValueError(f"{PACKED_ATTENTION} attention does not support attention dropout")
     total = query.shape[2]
-    lengths = kwargs.get(SEQ_LENGTHS_KEY) or [total]
-    if sum(lengths) != total:
+    lengths = kwargs.get(SEQ_LENGTHS_KEY)
+    if lengths is not None and sum(lengths) != total:
         raise ValueError(f"packed row has {total} tokens but its sample lengths sum to {sum(lengths)}")
     scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
-    if query.is_cuda and has_varlen_kernel():
+    if _use_varlen(query):
         cu = kwargs.get("cu_seq_lens_q")
         if cu is None:
             cu = torch.tensor([0, total], dtype=torch.int32, device=query.device)
-        longest = int(kwargs.get("max_length_q") or max(lengths))
+        longest = kwargs.get("max_length_q")  # an int, symbolic inside a compiled layer: no int() here
+        if longest is None:
+            longest = max(lengths) if lengths else total
         out = _varlen_attention(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1), cu,
                                 longest, scale)
         return out.unsqueeze(0), None
-    out = _per_sample_attention(query, key, value, lengths, scale)
+    out = _per_sample_attention(query, key, value, lengths or [total], scale)
     return out.transpose(1, 2).contiguous(), None
 
 
