@@ -8,7 +8,8 @@
 Every call that touches the engine (add / abort / weight update / memory / flush) is a command queued
 to the engine thread and run between two `step()`s, so a weight update never lands in the middle of
 a forward pass. `pause()` stops stepping (in-flight requests wait), `resume()` continues. Each request
-gets a `RequestStream` whose updates are pushed into the event loop with `call_soon_threadsafe`.
+gets a `RequestStream`; each step's outputs reach the event loop in one `call_soon_threadsafe`, and a
+stream added as `final_only` wakes its reader once, when it finishes.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
 logger = logging.getLogger(__name__)
 
@@ -58,9 +59,10 @@ class RequestState:
 class RequestStream:
     """Async iterator over a request's states; ends after the finished state."""
 
-    def __init__(self, request_id: str, prompt_tokens: int):
+    def __init__(self, request_id: str, prompt_tokens: int, final_only: bool = False):
         self.state = RequestState(request_id, prompt_tokens=prompt_tokens)
         self.abort_reason: dict | None = None  # set before the engine is told, so its abort output cannot win
+        self.final_only = final_only  # wake the reader only with the finished state, not after every step
         self._updates: asyncio.Queue[RequestState | None] = asyncio.Queue()
         self.closed = False
 
@@ -116,6 +118,7 @@ class AsyncEngine:
         self._ready = threading.Event()
         self.num_requests_total = 0
         self.num_steps = 0
+        self.step_seconds = 0.0  # wall time inside engine.step() (the rest of the thread's time is host overhead)
         self.last_step_error: str | None = None
 
     # ----- lifecycle -------------------------------------------------------------------------------
@@ -158,15 +161,18 @@ class AsyncEngine:
     async def add_request(self, request_id: str, prompt_ids: list[int], params: Any) -> RequestStream:
         return (await self.add_requests([(request_id, prompt_ids, params)]))[0]
 
-    async def add_requests(self, requests: list[tuple[str, list[int], Any]]) -> list[RequestStream]:
-        """Add several requests in one engine command: all are added, or none (the engine's ValueError is raised)."""
+    async def add_requests(self, requests: list[tuple[str, list[int], Any]],
+                           final_only: Collection[str] = ()) -> list[RequestStream]:
+        """Add several requests in one engine command: all are added, or none (the engine's ValueError is raised).
+
+        Streams of the ids in `final_only` yield only their finished state (no per-step wake-ups)."""
         ids = [request_id for request_id, _, _ in requests]
         taken = [request_id for request_id in ids if request_id in self._streams]
         if taken or len(set(ids)) != len(ids):
             raise ValueError(f"request id (rid) {(taken or ids)[0]!r} is already in use")
         streams = []
         for request_id, prompt_ids, _ in requests:
-            stream = RequestStream(request_id, len(prompt_ids))
+            stream = RequestStream(request_id, len(prompt_ids), final_only=request_id in final_only)
             stream.state.weight_version = self.weight_version
             self._streams[request_id] = stream
             streams.append(stream)
@@ -278,12 +284,14 @@ class AsyncEngine:
                 break
             if self._paused or self._memory_released or not self.engine.has_unfinished_requests():
                 continue
+            started = time.perf_counter()
             try:
                 outputs = self.engine.step()
             except Exception:
                 self._fail_all(traceback.format_exc())
                 continue
             self.num_steps += 1
+            self.step_seconds += time.perf_counter() - started
             if outputs:
                 self._loop.call_soon_threadsafe(self._dispatch, outputs, self.weight_version)
         close = getattr(self.engine, "close", None)  # tensor-parallel workers leave with the engine thread
@@ -330,7 +338,8 @@ class AsyncEngine:
             if stream is None:
                 continue  # aborted or cancelled at the edge already
             stream.state.apply(out, weight_version, stream.abort_reason)
-            stream._push()
+            if not stream.final_only or stream.state.finished:
+                stream._push()
             if stream.state.finished:
                 self._streams.pop(out.request_id, None)
                 stream._close()

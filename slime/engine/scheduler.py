@@ -6,9 +6,10 @@
 
 Each step is either a prefill (admit waiting sequences, oldest first, while their uncached tokens fit
 `max_num_batched_tokens` and their blocks fit the cache) or a decode of every running sequence.
-New requests therefore join a running batch at the next step. When a decode needs a block and none is
-free, the newest running sequence is preempted: its blocks are freed and it goes back to the front of
-the queue to be recomputed (prompt + tokens so far) later; its outputs are unaffected.
+New requests therefore join a running batch at the next step (unless `defer_prefills` holds small
+prefills back for a few steps). When a decode needs a block and none is free, the newest running
+sequence is preempted: its blocks are freed and it goes back to the front of the queue to be
+recomputed (prompt + tokens so far) later; its outputs are unaffected.
 A stop id ends a sequence only past its `min_new_tokens` (the sampler masks them before that).
 """
 
@@ -31,6 +32,18 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: deque[Sequence] = deque()
         self.num_preemptions = 0
+        # prefill deferral (off by default; the HTTP server turns it on, see `defer_prefills`)
+        self.prefill_wait_ratio = 0.0
+        self.max_deferred_steps = 0
+        self.num_deferred_steps = 0
+
+    def defer_prefills(self, wait_ratio: float, max_steps: int) -> None:
+        """While a batch decodes, admit waiting requests only once they number `wait_ratio` x the running ones,
+        or after `max_steps` decode steps: requests that trickle in over HTTP then join in a few large prefills
+        instead of costing one small prefill step each (TGI's waiting_served_ratio / max_waiting_tokens)."""
+        if wait_ratio < 0 or max_steps < 0:
+            raise ValueError(f"prefill deferral needs wait_ratio >= 0 and max_steps >= 0, got {wait_ratio}, {max_steps}")
+        self.prefill_wait_ratio, self.max_deferred_steps = float(wait_ratio), int(max_steps)
 
     def add(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
@@ -41,10 +54,19 @@ class Scheduler:
 
     def schedule(self) -> tuple[list[Sequence], bool]:
         """Returns (sequences, is_prefill); empty when nothing can run."""
-        prefill = self._schedule_prefill()
+        prefill = self._schedule_prefill() if self._prefill_due() else []
         if prefill:
+            self.num_deferred_steps = 0
             return prefill, True
+        if self.waiting:
+            self.num_deferred_steps += 1
         return self._schedule_decode(), False
+
+    def _prefill_due(self) -> bool:
+        if not self.waiting or not self.running or self.prefill_wait_ratio <= 0:
+            return bool(self.waiting)
+        return (len(self.waiting) >= self.prefill_wait_ratio * len(self.running)
+                or self.num_deferred_steps >= self.max_deferred_steps)
 
     def _schedule_prefill(self) -> list[Sequence]:
         scheduled: list[Sequence] = []

@@ -92,14 +92,17 @@ class EngineServer:
     def vocab_size(self) -> int | None:
         return getattr(self.engine.engine.hf_config, "vocab_size", None)
 
-    async def start(self, items: list[GenerateItem]) -> list[RequestStream]:
+    async def start(self, items: list[GenerateItem], stream: bool = False) -> list[RequestStream]:
+        """Queue the items; unless streamed or watched for stop strings, a request wakes us only when it ends."""
+        final_only = () if stream else {item.rid for item in items if not (item.stop and self.tokenizer is not None)}
         try:
             params = [self.sampling_params_cls(**item.engine_params) for item in items]
         except (TypeError, ValueError) as e:
             raise ProtocolError(str(e)) from e
         self.num_generate_requests += len(items)
         try:
-            return await self.engine.add_requests([(item.rid, item.prompt_ids, p) for item, p in zip(items, params)])
+            return await self.engine.add_requests([(item.rid, item.prompt_ids, p) for item, p in zip(items, params)],
+                                                  final_only=final_only)
         except RuntimeError as e:  # e.g. memory released: the server cannot take requests right now
             raise EngineNotReady(str(e)) from e
 
@@ -140,7 +143,7 @@ class EngineServer:
                                  else f"engine failed to load: {self.engine.load_error}")
         body = decode_json(await request.body())
         call = parse_generate_request(body, self.tokenizer, self.max_context_len, self.vocab_size)
-        streams = await self.start(call.items)
+        streams = await self.start(call.items, stream=call.stream)
         if call.stream:
             return StreamingResponse(self._sse(call.items[0], streams[0], started), media_type="text/event-stream")
         results = await asyncio.gather(*(self.run_to_end(i, s, started) for i, s in zip(call.items, streams)))
@@ -274,7 +277,8 @@ class EngineServer:
         engine = self.engine
         state = {
             "num_running_requests": len(engine.running_request_ids), "num_requests_total": engine.num_requests_total,
-            "num_steps": engine.num_steps, "paused": engine.paused, "memory_released": engine.memory_released,
+            "num_steps": engine.num_steps, "step_seconds": engine.step_seconds, "paused": engine.paused,
+            "memory_released": engine.memory_released,
             "last_step_error": engine.last_step_error,
         }
         if engine.ready:
@@ -498,6 +502,13 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--trust-remote-code", action="store_true", help="Accepted for SGLang compatibility.")
     parser.add_argument("--skip-tokenizer-init", action="store_true", help="Token ids only; no text in or out.")
     parser.add_argument("--weight-version", default="default", help="Initial weight version string.")
+    parser.add_argument("--prefill-wait-ratio", type=float, default=0.5,
+                        help="While a batch decodes, admit waiting requests once they are this many x the running "
+                             "ones (or after --prefill-max-wait-steps); 0 admits at every step (slime only).")
+    parser.add_argument("--prefill-max-wait-steps", type=int, default=8,
+                        help="Most decode steps a waiting request is held back by --prefill-wait-ratio (slime only).")
+    parser.add_argument("--gil-switch-interval-ms", type=float, default=1.0,
+                        help="sys.setswitchinterval of the server process, in ms (slime only; Python's default is 5).")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error", "critical"])
     return parser
 
@@ -542,6 +553,9 @@ def run_server(argv: list[str]) -> int:
 
     tokenizer_path = args.tokenizer_path or args.model_path
     try:
+        if args.prefill_wait_ratio < 0 or args.prefill_max_wait_steps < 0 or args.gil_switch_interval_ms <= 0:
+            raise ValueError("--prefill-wait-ratio and --prefill-max-wait-steps must be >= 0, "
+                             "--gil-switch-interval-ms > 0")
         config = EngineConfig(**engine_config_kwargs(args))
     except ValueError as e:
         print(f"slime engine: {e}", file=sys.stderr)
@@ -556,10 +570,16 @@ def run_server(argv: list[str]) -> int:
             print(f"slime engine: cannot load the tokenizer from --tokenizer-path {tokenizer_path!r}: {e}", file=sys.stderr)
             return 2
 
+    # the engine thread gives the GIL up around every torch call; when the event loop holds it meanwhile,
+    # the engine waits up to this long to get it back (Python's default, 5 ms, is a whole decode step)
+    sys.setswitchinterval(args.gil_switch_interval_ms / 1000)
+
     def make_engine() -> Any:
         from slime.engine.llm_engine import LLMEngine
 
-        return LLMEngine(config)
+        engine = LLMEngine(config)
+        engine.scheduler.defer_prefills(args.prefill_wait_ratio, args.prefill_max_wait_steps)
+        return engine
 
     uvicorn_server: uvicorn.Server | None = None
     exit_code = 0

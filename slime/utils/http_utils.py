@@ -13,19 +13,26 @@ import httpx
 
 logger = logging.getLogger(__name__)
 
-_client: httpx.AsyncClient | None = None
+# httpcore's pool does O(connections^2) work every time a request starts or ends, which made 256 concurrent
+# /generate calls through one client cost seconds of client CPU; several smaller pools, used in turn, keep it cheap.
+_CLIENT_SHARDS = 16
+_clients: list[httpx.AsyncClient] = []
 _client_loop: asyncio.AbstractEventLoop | None = None
+_turn = 0
 
 
 def _shared_client() -> httpx.AsyncClient:
-    """One pooled client per event loop (httpx clients must not cross loops)."""
-    global _client, _client_loop
+    """One of a few pooled clients of this event loop, in turn (httpx clients must not cross loops)."""
+    global _clients, _client_loop, _turn
     loop = asyncio.get_running_loop()
-    if _client is None or _client_loop is not loop or _client.is_closed:
-        limits = httpx.Limits(max_connections=4096, max_keepalive_connections=1024)
-        _client = httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(None))
+    if not _clients or _client_loop is not loop or any(c.is_closed for c in _clients):
+        limits = httpx.Limits(max_connections=4096 // _CLIENT_SHARDS, max_keepalive_connections=1024 // _CLIENT_SHARDS)
+        ssl_context = httpx.create_ssl_context()  # built once: loading the CA bundle takes ~20 ms
+        _clients = [httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(None), verify=ssl_context)
+                    for _ in range(_CLIENT_SHARDS)]
         _client_loop = loop
-    return _client
+    _turn = (_turn + 1) % _CLIENT_SHARDS
+    return _clients[_turn]
 
 
 class HTTPStatusError(RuntimeError):
