@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
-# bash benchmarks/gpu_suite.sh OUT_DIR [SECONDS]      # on a 4-GPU host, from the repository root
+# bash benchmarks/gpu_suite.sh OUT_DIR PART [SECONDS]    # on a 2-GPU host, from the repository root
 #
-# Runs the GPU checks and benchmarks of issues 9 and 10 side by side on one 4-GPU machine, within SECONDS
-# (default 540) of wall time, and leaves every JSON and log in OUT_DIR/results.tgz (plus a summary on stdout):
-#   GPUs 0,1  tensor-parallel engine tests, engine_throughput tp=2 vs tp=1, server_overhead, weight_sync (IPC, NCCL, disk),
-#             then rl_step --mode disaggregated (1 trainer + 1 engine, NCCL) from the SFT model job B made
-#   GPU  2    vs_trl (slime colocated, then TRL GRPOTrainer) — its slime half is rl_step --mode colocated
-#   GPU  3    train_throughput (4B, then 0.6B) on one GPU, eager vs per-layer compiled
-# Each job runs in its own Ray instance (if any) and under a timeout that leaves time to pack the results.
+# The GPU checks and benchmarks of issues 9 and 10, packed into two calls of a 2-GPU machine, each within
+# SECONDS (default 540) of wall time; every JSON and log ends up in OUT_DIR/results_PART.tgz, a summary on stdout.
+#   PART 1  GPUs 0,1  tensor-parallel engine tests (tp=2 vs tp=1 on the real 0.6B shape), then
+#           GPU 0     vs_trl (slime colocated = rl_step --mode colocated, then TRL GRPOTrainer), while
+#           GPU 1     weight_sync 0.6B (CUDA IPC, disk), then train_throughput 4B (eager vs per-layer compiled)
+#   PART 2  GPUs 0,1  rl_step --mode disaggregated (1 trainer + 1 engine, NCCL) from PART 1's SFT model,
+#                     weight_sync 0.6B disaggregated (NCCL)
+# Jobs run under timeouts that leave time to pack the results; each Ray user starts its own instance.
 # Ray, fastapi, uvicorn, trl, ... must be importable (the device tool carries them as wheels: see README).
 set -u
-OUT=${1:?usage: gpu_suite.sh OUT_DIR [SECONDS]}
-BUDGET=${2:-540}
-RES=/tmp/gpu_suite
+OUT=${1:?usage: gpu_suite.sh OUT_DIR PART [SECONDS]}
+PART=${2:?usage: gpu_suite.sh OUT_DIR PART [SECONDS]}
+BUDGET=${3:-540}
+RES=/tmp/gpu_suite_$PART
 mkdir -p "$OUT" "$RES"
 START=$(date +%s)
 left() { echo $(( BUDGET - ($(date +%s) - START) - ${1:-0} )); }
@@ -31,35 +33,27 @@ job() {
 MODELS=/tmp/suite_models
 mkdir -p $MODELS
 
-(  # GPUs 0,1
-  job tp_tests 0,1 330 python -m pytest -q -x tests/test_engine_tp_gpu.py tests/test_engine_core_gpu.py \
-      tests/test_engine_gpu_kernels.py tests/test_fsdp_packed_attention.py
-  job make_q06 0,1 330 python tools/make_tiny_model.py --preset qwen3-0.6b --output $MODELS/q06 --dtype bfloat16 --device cuda
-  job engine_tp2 0,1 300 python benchmarks/engine_throughput.py --model $MODELS/q06 --tp-size 2 --hf-num-seqs 0 \
-      --output $RES/engine_throughput_tp2.json
-  job engine_tp1 0,1 270 python benchmarks/engine_throughput.py --model $MODELS/q06 --tp-size 1 --hf-num-seqs 0 \
-      --output $RES/engine_throughput_tp1.json
-  job server_overhead 0,1 200 python benchmarks/server_overhead.py --device cuda --model $MODELS/q06 --num-prompts 32 \
-      --samples 8 --max-new-tokens 128 --via-router --out $RES/server_overhead.json
-  job weight_sync 0,1 170 python benchmarks/weight_sync.py --presets qwen3-0.6b \
-      --modes colocated,colocated_direct,disaggregated,disk --disk-reps 2 --engine-gpu 1 --model-dir $MODELS/ws \
-      --out $RES/weight_sync_qwen3-0.6b.json
-  for _ in $(seq 60); do [ -f /tmp/vs/slime/sft_model/config.json ] && break; sleep 5; done
-  job rl_disagg 0,1 20 python benchmarks/rl_step.py --mode disaggregated --sft-model /tmp/vs/slime/sft_model \
-      --workdir /tmp/rl2 --num-steps 8 --out $RES/rl_step_disaggregated.json
-) &
-(  # GPU 2
-  job vs_trl 2 20 python benchmarks/vs_trl.py --workdir /tmp/vs --num-steps ${VS_TRL_STEPS:-16} \
-      --out $RES/vs_trl.json --slime-out $RES/rl_step_colocated.json
-) &
-(  # GPU 3: the 4B shape first (the MFU target), then 0.6B with the HF-loop baseline
-  job train_4b 3 200 python benchmarks/train_throughput.py --presets qwen3-4b --variants eager,layer --no-baseline \
-      --model-dir $MODELS/train --out $RES/train_throughput_qwen3-4b_1gpu.json
-  job train_06b 3 20 python benchmarks/train_throughput.py --presets qwen3-0.6b --variants eager,layer \
-      --model-dir $MODELS/train --out $RES/train_throughput_qwen3-0.6b.json
-) &
-wait
+if [ "$PART" = 1 ]; then
+  job tp_tests 0,1 420 python -m pytest -q -x tests/test_engine_tp_gpu.py tests/test_fsdp_packed_attention.py
+  (
+    job vs_trl 0 20 python benchmarks/vs_trl.py --workdir /tmp/vs --num-steps "${VS_TRL_STEPS:-16}" \
+        --out $RES/vs_trl.json --slime-out $RES/rl_step_colocated.json
+  ) &
+  (
+    job weight_sync 1 330 python benchmarks/weight_sync.py --presets qwen3-0.6b --modes colocated,colocated_direct,disk \
+        --disk-reps 2 --trainer-gpu 0 --engine-gpu 0 --model-dir $MODELS/ws --out $RES/weight_sync_qwen3-0.6b_ipc.json
+    job train_4b 1 20 python benchmarks/train_throughput.py --presets qwen3-4b --variants eager,layer --no-baseline \
+        --model-dir $MODELS/train --out $RES/train_throughput_qwen3-4b_1gpu.json
+  ) &
+  wait
+else
+  SFT=(); [ -f /tmp/vs/slime/sft_model/config.json ] && SFT=(--sft-model /tmp/vs/slime/sft_model)
+  job rl_disagg 0,1 150 python benchmarks/rl_step.py --mode disaggregated "${SFT[@]}" \
+      --workdir /tmp/rl2 --num-steps "${RL_STEPS:-8}" --out $RES/rl_step_disaggregated.json
+  job weight_sync 0,1 20 python benchmarks/weight_sync.py --presets qwen3-0.6b --modes disaggregated \
+      --engine-gpu 1 --model-dir $MODELS/ws --out $RES/weight_sync_qwen3-0.6b_nccl.json
+fi
 nvidia-smi --query-gpu=name,memory.used --format=csv >> "$RES/suite.log" 2>&1
-tar czf "$OUT/results.tgz" -C "$RES" . && cp "$RES/suite.log" "$OUT/suite.log"
-for f in "$RES"/*.json; do echo "== $(basename "$f")"; head -c 1500 "$f"; echo; done
+tar czf "$OUT/results_$PART.tgz" -C "$RES" . && cp "$RES/suite.log" "$OUT/suite_$PART.log"
+for f in "$RES"/*.json; do echo "== $(basename "$f")"; head -c 1200 "$f"; echo; done
 cat "$RES/suite.log"
