@@ -17,7 +17,9 @@ their slice (`shard_range`).
 from __future__ import annotations
 
 import json
+import logging
 import os
+import threading
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -26,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 TP_TIMEOUT_S = 1800.0
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -53,17 +56,30 @@ class TPInfo:
         tensor = torch.tensor([value], dtype=torch.int64, device=device)
         return int(self.all_reduce(tensor, dist.ReduceOp.MIN).item())
 
-    def shutdown(self) -> None:
+    def shutdown(self, timeout_s: float = 10.0) -> None:
+        """Release the group without waiting on the peers for more than `timeout_s`.
+
+        On 2xH100 (torch 2.11) rank 0's `ProcessGroupNCCL.abort()` hung after its workers had left, so
+        the release runs in a daemon thread: a stuck NCCL teardown costs `timeout_s`, never the server."""
         group, self.process_group, self.store = self.process_group, None, None
         if group is None:
             return
-        try:
-            if hasattr(group, "abort") and "NCCL" in type(group).__name__:
-                group.abort()
-            else:
-                group.shutdown()
-        except RuntimeError:
-            pass
+
+        def release() -> None:
+            try:
+                if hasattr(group, "abort") and "NCCL" in type(group).__name__:
+                    group.abort()
+                else:
+                    group.shutdown()
+            except RuntimeError:
+                pass
+
+        releaser = threading.Thread(target=release, name="tp-group-release", daemon=True)
+        releaser.start()
+        releaser.join(timeout_s)
+        if releaser.is_alive():
+            logger.warning("the tensor-parallel group did not shut down within %.0fs; leaving it to process exit",
+                           timeout_s)
 
 
 def create_tp_store(size: int) -> Any:

@@ -207,6 +207,8 @@ def worker_main(config: EngineConfig, hf_config: Any, max_positions: int, eos_to
     try:
         TPWorker(runner, conn).loop()
     finally:
+        if runner.device.type == "cuda":  # leave without an NCCL teardown: process exit frees the communicator
+            os._exit(0)
         tp.shutdown()
 
 
