@@ -34,13 +34,14 @@ MODELS=/tmp/suite_models
 mkdir -p $MODELS
 
 if [ "$PART" = 1 ]; then
-  job tp_tests 0,1 420 python -m pytest -q -x tests/test_engine_tp_gpu.py tests/test_fsdp_packed_attention.py
+  job tp_tests 0,1 "${AFTER_TP:-420}" python -m pytest -v -x -o faulthandler_timeout=100 tests/test_engine_tp_gpu.py \
+      tests/test_fsdp_packed_attention.py
   (
-    job vs_trl 0 20 python benchmarks/vs_trl.py --workdir /tmp/vs --num-steps "${VS_TRL_STEPS:-16}" \
+    job vs_trl 0 20 python benchmarks/vs_trl.py --workdir /tmp/vs --num-steps "${VS_TRL_STEPS:-16}" ${VS_TRL_ARGS:-} \
         --out $RES/vs_trl.json --slime-out $RES/rl_step_colocated.json
   ) &
   (
-    job weight_sync 1 330 python benchmarks/weight_sync.py --presets qwen3-0.6b --modes colocated,colocated_direct,disk \
+    [ -n "${SKIP_WS:-}" ] || job weight_sync 1 330 python benchmarks/weight_sync.py --presets qwen3-0.6b --modes colocated,colocated_direct,disk \
         --disk-reps 2 --trainer-gpu 0 --engine-gpu 0 --model-dir $MODELS/ws --out $RES/weight_sync_qwen3-0.6b_ipc.json
     job train_4b 1 20 python benchmarks/train_throughput.py --presets qwen3-4b --variants eager,layer --no-baseline \
         --model-dir $MODELS/train --out $RES/train_throughput_qwen3-4b_1gpu.json

@@ -84,11 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-response-len", type=int, default=128)
     g.add_argument("--temperature", type=float, default=1.0)
     g.add_argument("--lr", type=float, default=5e-5)
-    g.add_argument("--max-tokens-per-gpu", type=int, default=8192, help="dynamic micro-batch token budget")
+    g.add_argument("--max-tokens-per-gpu", type=int, default=4096, help="dynamic micro-batch token budget")
     g = p.add_argument_group("placement")
     g.add_argument("--offload", action="store_true", help="colocated modes: offload trainer/engine between phases")
     g.add_argument("--engine-mem-fraction", type=float, default=None,
-                   help="--sglang-mem-fraction-static (default 0.35 colocated without offload, else the engine's)")
+                   help="--sglang-mem-fraction-static (default 0.3 colocated without offload, else the engine's)")
     g.add_argument("--extra-args", default="", help="more train.py flags for the GRPO run, one string")
     return p
 
@@ -156,7 +156,7 @@ def placement_flags(o: argparse.Namespace) -> list[str]:
     flags = ["--colocate"]
     if not o.offload:
         flags += ["--no-offload-train", "--no-offload-rollout"]
-    fraction = o.engine_mem_fraction if o.engine_mem_fraction is not None else (None if o.offload else 0.35)
+    fraction = o.engine_mem_fraction if o.engine_mem_fraction is not None else (None if o.offload else 0.3)
     if fraction is not None and not o.smoke:
         flags += ["--sglang-mem-fraction-static", str(fraction)]
     return flags

@@ -514,6 +514,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "peak_method": "bf16 8192^3 torch.matmul" if device == "cuda" else "fp32 512^3 torch.matmul (CPU smoke)",
         "flops_formula": FLOPS_FORMULA, "packed_attention_check": packed_attention_check(device), "presets": {},
     }
+    if args.model_dir:
+        os.makedirs(args.model_dir, exist_ok=True)  # a fresh folder is fine: the checkpoints go in a temp dir inside it
     with tempfile.TemporaryDirectory(dir=args.model_dir) as tmp:
         for preset in [p for p in args.presets.split(",") if p]:
             result["presets"][preset] = run_preset(preset, args, device, Path(tmp), peak)

@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--trl-micro-batch", type=int, default=64, help="completions per TRL forward/backward")
+    p.add_argument("--trl-max-seconds", type=float, default=None,
+                   help="stop TRL after the step that passes this much step time; both sides are then compared "
+                        "over the steps TRL finished")
     p.add_argument("--rl-step-args", default="", help="more benchmarks/rl_step.py flags for the slime run")
     p.add_argument("--skip-slime", action="store_true", help="TRL only (needs --sft-model)")
     p.add_argument("--trl-worker", action="store_true", help=argparse.SUPPRESS)  # internal: the TRL subprocess
@@ -85,9 +88,10 @@ def _shared_flags(o: argparse.Namespace) -> list[str]:
 class _StepTimer:
     """TrainerCallback body: wall seconds of each optimizer step (generation happens inside the step)."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_seconds: float | None = None) -> None:
         self.seconds: list[float] = []
         self._start = 0.0
+        self.max_seconds = max_seconds  # stop after the step that passes this much training time
 
     @staticmethod
     def _sync() -> None:
@@ -103,6 +107,8 @@ class _StepTimer:
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._sync()
         self.seconds.append(time.perf_counter() - self._start)
+        if self.max_seconds is not None and sum(self.seconds) > self.max_seconds:
+            control.should_training_stop = True
 
 
 def exact_answer_reward(completions: list[Any], label: list[str], **kwargs: Any) -> list[float]:
@@ -136,7 +142,7 @@ def run_trl(o: argparse.Namespace) -> dict[str, Any]:
     )
     tokenizer = AutoTokenizer.from_pretrained(o.sft_model)
     model = AutoModelForCausalLM.from_pretrained(o.sft_model, dtype=torch.float32)
-    timer = _StepTimer()
+    timer = _StepTimer(o.trl_max_seconds)
     callback = type("StepTimerCallback", (TrainerCallback,), {
         "on_step_begin": lambda self, *a, **k: timer.on_step_begin(*a, **k),
         "on_step_end": lambda self, *a, **k: timer.on_step_end(*a, **k)})()
@@ -183,6 +189,8 @@ def trl_subprocess(o: argparse.Namespace, workdir: Path, sft_model: str, data: P
     cmd = [sys.executable, str(Path(__file__).resolve()), "--trl-worker", "--workdir", str(workdir),
            "--sft-model", sft_model, "--data", str(data), "--out", str(out),
            "--trl-micro-batch", str(o.trl_micro_batch)] + _shared_flags(o)
+    if o.trl_max_seconds is not None:
+        cmd += ["--trl-max-seconds", str(o.trl_max_seconds)]
     if o.smoke:
         cmd.append("--smoke")
     _run(cmd, "TRL")
@@ -222,9 +230,11 @@ def compare(o: argparse.Namespace) -> dict[str, Any]:
         data = make_task(rl_parse(rl_argv), workdir / "slime")["train"]
     trl = trl_subprocess(o, workdir, sft_model, data)
     result: dict[str, Any] = {"benchmark": "vs_trl", "gpu": gpu_name()}
+    steps = len(trl["step_seconds"])  # TRL may have stopped early (--trl-max-seconds): compare the same steps
+    result["steps_compared"] = steps
     if slime is not None:
-        slime_steps = [r["step_s"] for r in slime["rows"]]
-        slime_rewards = [r["reward"] for r in slime["rows"] if "reward" in r]
+        slime_steps = [r["step_s"] for r in slime["rows"]][:steps]
+        slime_rewards = [r["reward"] for r in slime["rows"] if "reward" in r][:steps]
         result.update(slime_seconds=round(sum(slime_steps), 3), slime_final_reward=_final(slime_rewards),
                       slime_median_step_seconds=_median_after_first(slime_steps))
     result.update(trl_seconds=round(sum(trl["step_seconds"]), 3), trl_final_reward=_final(trl["rewards"]),

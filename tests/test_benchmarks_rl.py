@@ -66,3 +66,13 @@ def test_vs_trl_smoke(tmp_path):
     assert 0.0 <= result["slime_final_reward"] <= 1.0 and 0.0 <= result["trl_final_reward"] <= 1.0
     assert len(result["trl"]["step_seconds"]) == 2 and len(result["trl"]["rewards"]) == 2
     assert result["settings"]["samples_per_step"] == 8
+
+
+@pytest.mark.skipif(not HAS_TRL, reason="needs trl and datasets (pip install -e '.[bench]')")
+def test_vs_trl_time_budget_compares_the_steps_trl_finished(tmp_path):
+    """--trl-max-seconds 0 stops TRL after its first step; slime's side is then cut to that one step too."""
+    out = tmp_path / "vs_trl.json"
+    _script("vs_trl.py", "--smoke", "--workdir", str(tmp_path / "work"), "--out", str(out), "--trl-max-seconds", "0")
+    result = json.loads(out.read_text())
+    assert result["steps_compared"] == 1 and len(result["trl"]["step_seconds"]) == 1
+    assert result["slime_seconds"] == pytest.approx(result["slime"]["step_seconds"][0], abs=1e-3)
