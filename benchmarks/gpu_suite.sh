@@ -37,7 +37,7 @@ if [ "$PART" = 1 ]; then
   job tp_tests 0,1 "${AFTER_TP:-420}" python -m pytest -v -x -o faulthandler_timeout=100 tests/test_engine_tp_gpu.py \
       tests/test_fsdp_packed_attention.py
   (
-    job vs_trl 0 20 python benchmarks/vs_trl.py --workdir /tmp/vs --num-steps "${VS_TRL_STEPS:-16}" ${VS_TRL_ARGS:-} \
+    job vs_trl 0 20 python benchmarks/vs_trl.py --workdir /tmp/vs --num-steps "${VS_TRL_STEPS:-16}" --trl-max-seconds "${TRL_MAX_SECONDS:-150}" ${VS_TRL_ARGS:-} \
         --out $RES/vs_trl.json --slime-out $RES/rl_step_colocated.json
   ) &
   (
