@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
-import json
 import os
 import platform
 import pstats
@@ -141,11 +140,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             result["hf"] = run_hf(model, prompts, args)
             result["speedup_vs_hf"] = round(result["ours"]["tokens_per_s"] / result["hf"]["tokens_per_s"], 2)
             result["cpu_speedup_vs_hf"] = round(result["ours"]["tokens_per_cpu_s"] / result["hf"]["tokens_per_cpu_s"], 2)
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.output:
-        Path(args.output).write_text(text + "\n")
-    return result
+    from benchmarks.report import emit_json
+
+    return emit_json(result, args.output, indent=1)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
 import shutil
 import statistics
@@ -413,13 +412,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("SLIME_PROGRESS", "0")
     o = parse_args(sys.argv[1:] if argv is None else argv)
-    result = benchmark(o)
-    text = json.dumps(result, indent=2)
-    print(text, flush=True)
-    if o.out:
-        Path(o.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(o.out).write_text(text + "\n")
-    return result
+    from benchmarks.report import emit_json
+
+    return emit_json(benchmark(o), o.out)
 
 
 if __name__ == "__main__":

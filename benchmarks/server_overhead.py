@@ -258,11 +258,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result["router_seconds"] = round(routed["seconds"], 4)
         result["router_steps"] = routed["steps"]
         result["router_ratio"] = round(routed["seconds"] / offline["seconds"], 3)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    return result
+    from benchmarks.report import emit_json
+
+    return emit_json(result, args.out)
 
 
 if __name__ == "__main__":

@@ -258,14 +258,9 @@ def compare(o: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     o = parse_args(sys.argv[1:] if argv is None else argv)
-    result = run_trl(o) if o.trl_worker else compare(o)
-    text = json.dumps(result, indent=2)
-    if not o.trl_worker:
-        print(text, flush=True)
-    if o.out:
-        Path(o.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(o.out).write_text(text + "\n")
-    return result
+    from benchmarks.report import emit_json
+
+    return emit_json(run_trl(o) if o.trl_worker else compare(o), o.out, echo=not o.trl_worker)
 
 
 if __name__ == "__main__":

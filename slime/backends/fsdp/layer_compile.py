@@ -31,7 +31,6 @@ from __future__ import annotations
 import logging
 import os
 
-import torch
 from torch import nn
 
 logger = logging.getLogger(__name__)
