@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# bash benchmarks/gpu_suite.sh OUT_DIR PART [SECONDS]    # on a 2-GPU host, from the repository root
+# bash benchmarks/gpu_suite.sh OUT_DIR PART [SECONDS]    # PART 1|2 on a 2-GPU host, 4 on a 4-GPU host
 #
 # The GPU checks and benchmarks of issues 9 and 10, packed into two calls of a 2-GPU machine, each within
 # SECONDS (default 540) of wall time; every JSON and log ends up in OUT_DIR/results_PART.tgz, a summary on stdout.
@@ -8,6 +8,7 @@
 #           GPU 1     weight_sync 0.6B (CUDA IPC, disk), then train_throughput 4B (eager vs per-layer compiled)
 #   PART 2  GPUs 0,1  rl_step --mode disaggregated (1 trainer + 1 engine, NCCL) from PART 1's SFT model,
 #                     weight_sync 0.6B disaggregated (NCCL)
+#   PART 4  (4 GPUs)  train_throughput 4B FSDP over 4 GPUs (eager vs per-layer compiled), rl_step --mode fsdp4
 # Jobs run under timeouts that leave time to pack the results; each Ray user starts its own instance.
 # Ray, fastapi, uvicorn, trl, ... must be importable (the device tool carries them as wheels: see README).
 set -u
@@ -47,6 +48,11 @@ if [ "$PART" = 1 ]; then
         --model-dir $MODELS/train --out $RES/train_throughput_qwen3-4b_1gpu.json
   ) &
   wait
+elif [ "$PART" = 4 ]; then  # a 4-GPU host: the FSDP-over-4 numbers
+  job train_4b_x4 0,1,2,3 200 python benchmarks/train_throughput.py --presets qwen3-4b --num-gpus 4 \
+      --variants eager,layer --no-baseline --model-dir $MODELS/train --out $RES/train_throughput_qwen3-4b_4gpu.json
+  job rl_fsdp4 0,1,2,3 20 python benchmarks/rl_step.py --mode fsdp4 --workdir /tmp/rl4 --num-steps "${RL_STEPS:-8}" \
+      --sft-steps 60 --out $RES/rl_step_fsdp4.json
 else
   SFT=(); [ -f /tmp/vs/slime/sft_model/config.json ] && SFT=(--sft-model /tmp/vs/slime/sft_model)
   job rl_disagg 0,1 150 python benchmarks/rl_step.py --mode disaggregated "${SFT[@]}" \
