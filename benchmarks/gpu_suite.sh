@@ -10,7 +10,7 @@
 #                     weight_sync 0.6B disaggregated (NCCL)
 #   PART 4  (4 GPUs)  train_throughput 4B FSDP over 4 GPUs (eager vs per-layer compiled), rl_step --mode fsdp4
 # Jobs run under timeouts that leave time to pack the results; each Ray user starts its own instance.
-# Ray, fastapi, uvicorn, trl, ... must be importable (the device tool carries them as wheels: see README).
+# Ray, fastapi, uvicorn, trl, ... must be importable (docs/gpu_runs.md: how to carry them as wheels).
 set -u
 OUT=${1:?usage: gpu_suite.sh OUT_DIR PART [SECONDS]}
 PART=${2:?usage: gpu_suite.sh OUT_DIR PART [SECONDS]}
