@@ -368,7 +368,8 @@ def settings(o: argparse.Namespace) -> dict[str, Any]:
             "max_response_len": o.max_response_len, "temperature": o.temperature, "lr": o.lr, "optimizer": "AdamW",
             "kl": "none (beta 0)", "eps_clip": 0.2,
             "task": {"max_operand": o.max_operand, "ops": o.ops, "n_train": o.n_train,
-                     "sft_prompt_format": o.sft_prompt_format, "rl_prompt_format": o.rl_prompt_format}}
+                     "sft_prompt_format": o.sft_prompt_format, "rl_prompt_format": o.rl_prompt_format,
+                     "answer_style": o.answer_style}}
 
 
 def benchmark(o: argparse.Namespace) -> dict[str, Any]:
