@@ -338,7 +338,8 @@ def test_engine_500_is_retried_then_fails_only_that_group(engine, tiny_model_dir
         prompts = ["1+1=", "POISON 2+2=", "3+3=", "4+4=", "5+5="]
         data.write_text("".join(json.dumps({"input": p, "label": "x"}) + "\n" for p in prompts))
         args = rollout_args(tiny_model_dir, proxy.port, data, rollout_batch_size=3, over_sampling_batch_size=3,
-                            n_samples_per_prompt=2, rollout_max_retries=2, rollout_max_response_len=4)
+                            n_samples_per_prompt=2, rollout_max_retries=2, rollout_max_response_len=4,
+                            rollout_group_requests="off")  # per-sample requests (grouped: test_rollout_grouped.py)
         data_source = RolloutDataSourceWithBuffer(args)
         output = generate_rollout(args, 0, data_source)
         # the poisoned group fails, so a second over-sampling round is fetched to fill the batch

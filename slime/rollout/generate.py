@@ -110,7 +110,8 @@ def append_response(sample: Sample, new_tokens: list[int], log_probs: list[float
             sample.rollout_log_probs += list(log_probs) if trainable else [0.0] * len(new_tokens)
 
 
-async def generate(args, sample: Sample, sampling_params: dict[str, Any]) -> Sample:
+def generate_payload(args, sample: Sample, sampling_params: dict[str, Any]) -> dict[str, Any] | None:
+    """The /generate body for this sample, or None (status set to TRUNCATED) when no token budget is left."""
     if sample.status not in (Sample.Status.PENDING, Sample.Status.ABORTED):
         raise ValueError(f"sample {sample.index} has status {sample.status.value}; only PENDING or ABORTED can generate")
     input_ids = prompt_token_ids(args, sample)
@@ -123,10 +124,12 @@ async def generate(args, sample: Sample, sampling_params: dict[str, Any]) -> Sam
         params["max_new_tokens"] = min(params["max_new_tokens"], int(max_context) - len(input_ids))
     if params["max_new_tokens"] <= 0:
         sample.status = Sample.Status.TRUNCATED
-        return sample
-    payload = {"input_ids": input_ids, "sampling_params": params, "return_logprob": True}
-    retries = getattr(args, "rollout_max_retries", None) or DEFAULT_GENERATE_MAX_RETRIES
-    output = await post(router_url(args), payload, max_retries=retries)
+        return None
+    return {"input_ids": input_ids, "sampling_params": params, "return_logprob": True}
+
+
+def apply_generate_output(sample: Sample, output: dict[str, Any]) -> Sample:
+    """Append one /generate answer (tokens, log-probs, text, weight version) and set the status from it."""
     new_tokens, log_probs = parse_generate_output(output)
     append_response(sample, new_tokens, log_probs, output.get("text", ""))
     meta = output.get("meta_info") or {}
@@ -134,3 +137,15 @@ async def generate(args, sample: Sample, sampling_params: dict[str, Any]) -> Sam
         sample.weight_versions.append(str(meta["weight_version"]))
     sample.status = status_from_finish_reason(meta.get("finish_reason"))
     return sample
+
+
+def generate_max_retries(args) -> int:
+    return getattr(args, "rollout_max_retries", None) or DEFAULT_GENERATE_MAX_RETRIES
+
+
+async def generate(args, sample: Sample, sampling_params: dict[str, Any]) -> Sample:
+    payload = generate_payload(args, sample, sampling_params)
+    if payload is None:
+        return sample
+    output = await post(router_url(args), payload, max_retries=generate_max_retries(args))
+    return apply_generate_output(sample, output)

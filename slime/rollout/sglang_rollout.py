@@ -10,13 +10,23 @@ most `--sglang-server-concurrency` requests in flight, score (`--rm-type` / `--c
 still in flight is aborted (`/abort_request` on every worker); with `--partial-rollout` the half-done
 groups go back to the data source to be continued next step (`--mask-offpolicy-in-partial-rollout`
 masks their earlier tokens). Groups with a FAILED sample are dropped, the reason counted in metrics.
+
+A group's samples go to the engine as ONE batched /generate request (`--rollout-group-requests`, on by
+default for the built-in engine): `input_ids` is the list of the samples' prompts, with one
+`sampling_params` object for all (samples whose params differ, e.g. continued partial samples with
+different budgets left, go in separate requests); the answer, a list in the same order, is split back
+into the samples exactly as the per-sample path would fill them. A group holds one
+`--sglang-server-concurrency` slot per sample while its request is in flight.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
+import json
 import logging
+from collections.abc import AsyncIterator
 from typing import Any
 
 from slime.utils.http_utils import get, post
@@ -26,13 +36,21 @@ from .async_runner import run
 from .base_types import RolloutFnTrainOutput
 from .errors import RolloutConfigError, load_plugin
 from .filters import call_dynamic_filter
-from .generate import base_sampling_params, generate, router_url
+from .generate import (
+    apply_generate_output,
+    base_sampling_params,
+    generate,
+    generate_max_retries,
+    generate_payload,
+    router_url,
+)
 from .metrics import RolloutMetrics
 from .rewarding import failure_reason, mark_failed, score_group, score_sample
 from .sample_hooks import apply_rollout_sample_hooks
 from .tokenization import get_tokenizer
 
-__all__ = ["generate", "generate_and_rm", "generate_and_rm_group", "generate_rollout", "GenerateState", "abort"]
+__all__ = ["generate", "generate_and_rm", "generate_and_rm_group", "generate_rollout", "GenerateState", "abort",
+           "group_requests_enabled"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +73,7 @@ class GenerateState:
             state.args = args
             state.concurrency = int(getattr(args, "sglang_server_concurrency", None) or 512)
             state._semaphores = {}
+            state._slot_locks = {}
             state.reset()
             cls._instance = state
         return state
@@ -78,6 +97,14 @@ class GenerateState:
             self._semaphores[loop] = asyncio.Semaphore(self.concurrency)
         return self._semaphores[loop]
 
+    @property
+    def slot_lock(self) -> asyncio.Lock:
+        """Held while a group gathers its slots, so that two groups never each hold half of what they need."""
+        loop = asyncio.get_running_loop()
+        if loop not in self._slot_locks:
+            self._slot_locks[loop] = asyncio.Lock()
+        return self._slot_locks[loop]
+
     def reset(self) -> None:
         self.pendings: set[asyncio.Task] = set()
         self.remaining_batch_size = 0
@@ -94,14 +121,30 @@ async def _call_generate(args, sample: Sample, sampling_params: dict[str, Any], 
     return await fn(args, sample, sampling_params)
 
 
-async def generate_and_rm(args, sample: Sample, sampling_params: dict[str, Any], evaluation: bool = False,
-                          rollout_id: int | None = None) -> Sample | list[Sample]:
-    """Generate (default or custom), run sample hooks, then score unless --group-rm. Never raises for a bad sample."""
+def _needs_generation(args, sample: Sample) -> bool:
+    """Masks off-policy tokens (partial rollout); False for a sample finished in an earlier step."""
     if getattr(args, "partial_rollout", False) and getattr(args, "mask_offpolicy_in_partial_rollout", False) \
             and sample.response_length > 0:
         sample.loss_mask = [0] * sample.response_length
-    if sample.status in (Sample.Status.COMPLETED, Sample.Status.TRUNCATED) and (
-            sample.reward is not None or getattr(args, "group_rm", False)):
+    return not (sample.status in (Sample.Status.COMPLETED, Sample.Status.TRUNCATED) and (
+        sample.reward is not None or getattr(args, "group_rm", False)))
+
+
+async def _hooks_and_reward(args, result: Sample | list, evaluation: bool, rollout_id: int | None) -> Sample | list:
+    result = await apply_rollout_sample_hooks(args, result, rollout_id=rollout_id, evaluation=evaluation)
+    if getattr(args, "group_rm", False):
+        return result
+    samples = result if isinstance(result, list) else [result]
+    if any(s.status == Sample.Status.ABORTED for s in samples):
+        return result
+    await asyncio.gather(*(score_sample(args, s) for s in samples))
+    return result
+
+
+async def generate_and_rm(args, sample: Sample, sampling_params: dict[str, Any], evaluation: bool = False,
+                          rollout_id: int | None = None) -> Sample | list[Sample]:
+    """Generate (default or custom), run sample hooks, then score unless --group-rm. Never raises for a bad sample."""
+    if not _needs_generation(args, sample):
         return sample  # finished in an earlier step (partial rollout)
 
     state = GenerateState.get(args)
@@ -116,15 +159,99 @@ async def generate_and_rm(args, sample: Sample, sampling_params: dict[str, Any],
         except Exception as e:  # noqa: BLE001 - engine errors (after retries) fail this sample only
             mark_failed(sample, f"generate {type(e).__name__}: {e}", "generate")
             return sample
+    return await _hooks_and_reward(args, result, evaluation, rollout_id)
 
-    result = await apply_rollout_sample_hooks(args, result, rollout_id=rollout_id, evaluation=evaluation)
-    if getattr(args, "group_rm", False):
-        return result
-    samples = result if isinstance(result, list) else [result]
-    if any(s.status == Sample.Status.ABORTED for s in samples):
-        return result
-    await asyncio.gather(*(score_sample(args, s) for s in samples))
-    return result
+
+def group_requests_enabled(args, group: list) -> bool:
+    """Whether the group's samples go out as one batched /generate request (see --rollout-group-requests)."""
+    if getattr(args, "custom_generate_function_path", None):
+        return False
+    if any(not isinstance(s, Sample) or getattr(s, "generate_function_path", None) for s in group):
+        return False
+    mode = getattr(args, "rollout_group_requests", None) or "auto"
+    if mode == "auto":
+        return (getattr(args, "rollout_backend", None) or "builtin") == "builtin" \
+            and not getattr(args, "rollout_external_engine_addrs", None)
+    if mode not in ("on", "off"):
+        raise RolloutConfigError(f"--rollout-group-requests must be auto, on or off, got {mode!r}")
+    return mode == "on"
+
+
+@contextlib.asynccontextmanager
+async def _request_slots(state: GenerateState, count: int) -> AsyncIterator[None]:
+    """Hold `count` --sglang-server-concurrency slots (at most all of them) while a batched request runs."""
+    count = max(1, min(count, state.concurrency))
+    semaphore = state.semaphore
+    taken = 0
+    try:
+        async with state.slot_lock:
+            while taken < count:
+                await semaphore.acquire()
+                taken += 1
+        yield
+    finally:
+        for _ in range(taken):
+            semaphore.release()
+
+
+async def _post_batch(args, batch: list[tuple[Sample, dict[str, Any]]]) -> None:
+    """One /generate call for samples that share sampling params; all of them FAIL if it fails."""
+    samples = [sample for sample, _ in batch]
+    if len(batch) == 1:
+        body = batch[0][1]
+    else:
+        body = {"input_ids": [payload["input_ids"] for _, payload in batch],
+                "sampling_params": batch[0][1]["sampling_params"], "return_logprob": True}
+    try:
+        outputs = await post(router_url(args), body, max_retries=generate_max_retries(args))
+        if len(batch) == 1:
+            outputs = [outputs]
+        if not isinstance(outputs, list) or len(outputs) != len(batch):
+            raise ValueError(f"/generate answered {type(outputs).__name__} "
+                             f"{len(outputs) if isinstance(outputs, list) else ''} for a batch of {len(batch)} prompts")
+        for sample, output in zip(samples, outputs):
+            apply_generate_output(sample, output)
+    except RolloutConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - engine errors (after retries) fail these samples only
+        for sample in samples:
+            mark_failed(sample, f"generate {type(e).__name__}: {e}", "generate")
+
+
+async def _generate_batched(args, samples: list[Sample], sampling_params: dict[str, Any]) -> None:
+    """The default generate for `samples`, one request per distinct sampling params (normally one in all)."""
+    batches: dict[str, list[tuple[Sample, dict[str, Any]]]] = {}
+    for sample in samples:
+        try:
+            payload = generate_payload(args, sample, sampling_params)
+        except RolloutConfigError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a bad sample fails alone, as in the per-sample path
+            mark_failed(sample, f"generate {type(e).__name__}: {e}", "generate")
+            continue
+        if payload is not None:  # None: no budget left, TRUNCATED without a request
+            key = json.dumps(payload["sampling_params"], sort_keys=True)
+            batches.setdefault(key, []).append((sample, payload))
+    await asyncio.gather(*(_post_batch(args, batch) for batch in batches.values()))
+
+
+async def _generate_and_rm_batched(args, group: list[Sample], sampling_params: dict[str, Any], evaluation: bool,
+                                   rollout_id: int | None) -> list:
+    """generate_and_rm for every sample of the group, with the generation done in one batched request."""
+    state = GenerateState.get(args)
+    todo = [sample for sample in group if _needs_generation(args, sample)]
+    if not todo:
+        return list(group)
+    async with _request_slots(state, len(todo)):
+        if state.aborted:
+            for sample in todo:
+                sample.status = Sample.Status.ABORTED
+            return list(group)
+        await _generate_batched(args, todo, sampling_params)
+    generated = [sample for sample in todo if sample.status != Sample.Status.FAILED]
+    finished = await asyncio.gather(*(_hooks_and_reward(args, s, evaluation, rollout_id) for s in generated))
+    replaced = {id(sample): result for sample, result in zip(generated, finished)}
+    return [replaced.get(id(sample), sample) for sample in group]
 
 
 async def generate_and_rm_group(args, group: list[Sample], sampling_params: dict[str, Any], evaluation: bool = False,
@@ -132,10 +259,13 @@ async def generate_and_rm_group(args, group: list[Sample], sampling_params: dict
     state = GenerateState.get(args)
     if state.aborted:
         return group
-    results = await asyncio.gather(*(
-        generate_and_rm(args, sample, dict(sampling_params), evaluation=evaluation, rollout_id=rollout_id)
-        for sample in group
-    ))
+    if group_requests_enabled(args, group):
+        results = await _generate_and_rm_batched(args, group, dict(sampling_params), evaluation, rollout_id)
+    else:
+        results = await asyncio.gather(*(
+            generate_and_rm(args, sample, dict(sampling_params), evaluation=evaluation, rollout_id=rollout_id)
+            for sample in group
+        ))
     if getattr(args, "group_rm", False) and not state.aborted:
         flat = [s for r in results for s in (r if isinstance(r, list) else [r])]
         if not any(s.status == Sample.Status.ABORTED for s in flat):

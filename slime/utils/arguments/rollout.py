@@ -52,6 +52,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="module.attr replacing eval logging; returns True to skip the default logging.")
     group.add_argument("--rollout-max-retries", type=int, default=8,
                        help="Attempts per /generate call (connection errors and 5xx) before the sample is FAILED.")
+    group.add_argument("--rollout-group-requests", choices=["auto", "on", "off"], default="auto",
+                       help="How the default rollout sends a group's n samples: 'on' sends them as ONE batched "
+                            "/generate request (input_ids as a list; far less HTTP cost per sample, the engine "
+                            "prefills them together), 'off' sends one request per sample. 'auto' (default): on "
+                            "for --rollout-backend builtin without --rollout-external-engine-addrs, else off. "
+                            "A --custom-generate-function-path always goes per sample.")
     group.add_argument("--rollout-external-engine-addrs", type=str, nargs="+", default=None,
                        help="host:port of engines started outside slime (no local engines are launched).")
     group.add_argument("--use-fault-tolerance", action="store_true", default=False,
