@@ -18,6 +18,10 @@ if str(ROOT) not in sys.path:
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+if not __import__("torch").cuda.is_available():
+    # the Triton kernel tests run under Triton's interpreter on CPU; the mode must be on before anything
+    # (torch.compile, FSDP, ...) touches Triton, or a later kernel test sees compiled-mode JIT functions
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")
