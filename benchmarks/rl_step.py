@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     o = build_parser().parse_args(argv)
     if o.smoke:  # small enough for a CPU test; explicit values for what the smoke run needs
-        o.preset, o.mode, o.n_train, o.max_operand = "tiny", "colocated", 16, 9
+        o.preset, o.n_train, o.max_operand = "tiny", 16, 9  # any --mode: CPU processes stand in for GPUs
         o.sft_steps, o.sft_batch_size, o.sft_lr = 2, 8, 1e-3
         o.num_steps, o.rollout_batch_size, o.n_samples_per_prompt, o.max_response_len = 2, 4, 2, 4
         o.max_tokens_per_gpu = 1024

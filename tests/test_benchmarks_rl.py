@@ -29,8 +29,8 @@ def _script(name: str, *argv: str) -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 
-def check_rl_step(result: dict) -> None:
-    assert result["benchmark"] == "rl_step" and result["settings"]["mode"] == "colocated"
+def check_rl_step(result: dict, mode: str = "colocated") -> None:
+    assert result["benchmark"] == "rl_step" and result["settings"]["mode"] == mode
     assert result["sft"]["steps"] == 2 and Path(result["sft"]["model"], "config.json").exists()
     rows = result["rows"]
     assert [r["step"] for r in rows] == [0, 1]
@@ -51,6 +51,17 @@ def test_rl_step_smoke(tmp_path):
     out = tmp_path / "rl_step.json"
     _script("rl_step.py", "--smoke", "--workdir", str(tmp_path / "work"), "--out", str(out))
     check_rl_step(json.loads(out.read_text()))
+
+
+@pytest.mark.parametrize("mode", ["disaggregated", "fsdp4"])
+def test_rl_step_multi_gpu_modes_run_on_cpu_processes(tmp_path, mode):
+    """The 2- and 4-GPU layouts (separate engine with a broadcast group; 4 ranks with 4 colocated engines) with
+    CPU processes standing in for GPUs: the orchestration the GPU runs depend on, end to end."""
+    out = tmp_path / "rl_step.json"
+    _script("rl_step.py", "--smoke", "--mode", mode, "--workdir", str(tmp_path / "work"), "--out", str(out))
+    result = json.loads(out.read_text())
+    check_rl_step(result, mode=mode)
+    assert all(row["weight_sync_s"] > 0 for row in result["rows"])
 
 
 @pytest.mark.skipif(not HAS_TRL, reason="needs trl and datasets (pip install -e '.[bench]')")
