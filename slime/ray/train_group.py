@@ -15,7 +15,6 @@ import hashlib
 import logging
 import os
 import socket
-import time
 from typing import Any
 
 import ray
@@ -42,7 +41,6 @@ class TrainActor:
         self.trainer: Any = None
         self.last_rollout_data: dict[str, Any] | None = None
         self._weight_sync: Any = None
-        self._log_prob_seconds: float | None = None  # None: the trainer's log-prob pass could not be timed
         for key, value in (getattr(args, "train_env_vars", None) or {}).items():
             os.environ[str(key)] = str(value)
 
@@ -67,39 +65,17 @@ class TrainActor:
         from slime.backends.fsdp.trainer import FSDPTrainer
 
         self.trainer = FSDPTrainer(self.args, role="actor")
-        self._time_log_probs()
         return int(self.trainer.init())
 
-    def _time_log_probs(self) -> None:
-        """Count the seconds the trainer spends on old/ref log-probs (a forward pass without grad) per train call."""
-        inner = getattr(self.trainer, "_log_probs_of", None)
-        if inner is None:
-            return
-
-        def timed(*args: Any, **kwargs: Any) -> Any:
-            start = time.perf_counter()
-            try:
-                return inner(*args, **kwargs)  # returns host tensors: the GPU work is done when it returns
-            finally:
-                self._log_prob_seconds += time.perf_counter() - start
-
-        self.trainer._log_probs_of = timed
-        self._log_prob_seconds = 0.0
-
     def train(self, rollout_id: int, rollout_data: dict[str, Any]) -> dict[str, Any]:
-        """The trainer's metrics plus `train/log_probs_time_s` and, on GPU, this rank's peak memory in GiB."""
+        """The trainer's metrics plus, on GPU, this rank's peak memory in GiB."""
         import torch
 
         self.last_rollout_data = rollout_data
         on_gpu = torch.cuda.is_available() and getattr(self.trainer, "device", "cpu") == "cuda"
         if on_gpu:
             torch.cuda.reset_peak_memory_stats()
-        timed = self._log_prob_seconds is not None
-        if timed:
-            self._log_prob_seconds = 0.0
         metrics = dict(self.trainer.train(rollout_id, rollout_data) or {})
-        if timed:
-            metrics["train/log_probs_time_s"] = self._log_prob_seconds
         if on_gpu:
             metrics["perf/trainer_peak_allocated_gb"] = torch.cuda.max_memory_allocated() / 2**30
             metrics["perf/trainer_peak_reserved_gb"] = torch.cuda.max_memory_reserved() / 2**30

@@ -262,12 +262,16 @@ class FSDPTrainer:
                 raise ValueError("--use-rollout-logprobs needs rollout_log_probs in the rollout data")
             batch["log_probs"] = [x.clone() for x in batch["rollout_log_probs"]]
         else:
-            batch["log_probs"] = self._log_probs_of(batch)[0]
+            log_prob_start = time.time()
+            batch["log_probs"] = self._log_probs_of(batch)[0]  # host tensors: the device work is done
+            rollout_metrics["log_probs_time_s"] = time.time() - log_prob_start
             if "rollout_log_probs" in batch:
                 rollout_metrics.update(self._mismatch_metric(batch))
         if self.ref_shards is not None and self.role == "actor":
+            ref_start = time.time()
             with swapped_in(self.model, self.ref_shards):
                 batch["ref_log_probs"] = self._log_probs_of(batch)[0]
+            rollout_metrics["log_probs_time_s"] = rollout_metrics.get("log_probs_time_s", 0.0) + time.time() - ref_start
         compute_advantages_from_args(args, batch)
         apply_rollout_data_postprocess(args, rollout_id, batch)  # --rollout-data-postprocess-path sees log-probs + advantages
 
