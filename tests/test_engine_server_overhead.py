@@ -82,13 +82,13 @@ def test_http_clients_are_sharded_per_loop():
     from slime.utils import http_utils
 
     async def pick() -> list[int]:
-        clients = [http_utils._shared_client() for _ in range(2 * http_utils._CLIENT_SHARDS)]
+        clients = [http_utils._shared_client() for _ in range(2 * http_utils.ShardedAsyncClient.SHARDS)]
         for client in set(clients):
             await client.aclose()
         return [id(c) for c in clients]
 
     ids = asyncio.run(pick())
-    assert len(set(ids)) == http_utils._CLIENT_SHARDS
+    assert len(set(ids)) == http_utils.ShardedAsyncClient.SHARDS
 
 
 def test_server_overhead_benchmark_runs(tiny_model_dir, tmp_path):

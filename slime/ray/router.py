@@ -21,10 +21,11 @@ import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
+from slime.utils.http_utils import ShardedAsyncClient
+
 logger = logging.getLogger(__name__)
 
 BROADCAST_PATHS = ("abort_request", "flush_cache")
-CLIENT_SHARDS = 16
 
 
 class WorkerPool:
@@ -74,7 +75,7 @@ def create_app(urls: list[str], health_check_interval: float = 10.0, request_tim
             await asyncio.sleep(health_check_interval)
             for url in list(pool.urls):
                 try:
-                    r = await state["client"].get(f"{url}/health", timeout=5.0)
+                    r = await state["clients"].next().get(f"{url}/health", timeout=5.0)
                     ok = r.status_code == 200
                 except httpx.HTTPError:
                     ok = False
@@ -84,27 +85,18 @@ def create_app(urls: list[str], health_check_interval: float = 10.0, request_tim
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        # several small pools in turn: httpcore does O(connections^2) work per request start/end in one pool
-        limits = httpx.Limits(max_connections=4096 // CLIENT_SHARDS, max_keepalive_connections=1024 // CLIENT_SHARDS)
-        ssl_context = httpx.create_ssl_context()
-        state["clients"] = [httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(request_timeout), verify=ssl_context)
-                            for _ in range(CLIENT_SHARDS)]
-        state["client"] = state["clients"][0]
-        state["turn"] = 0
+        state["clients"] = ShardedAsyncClient(timeout=request_timeout)
         task = asyncio.create_task(check_health_forever()) if health_check_interval > 0 else None
         yield
         if task is not None:
             task.cancel()
-        for client in state["clients"]:
-            await client.aclose()
+        await state["clients"].aclose()
 
     app = FastAPI(lifespan=lifespan)
     app.state.pool = pool
 
     async def forward(url: str, path: str, body: bytes, method: str = "POST") -> Response:
-        state["turn"] = (state["turn"] + 1) % CLIENT_SHARDS
-        client = state["clients"][state["turn"]]
-        r = await client.request(method, f"{url}/{path}", content=body, headers={"content-type": "application/json"})
+        r = await state["clients"].next().request(method, f"{url}/{path}", content=body, headers={"content-type": "application/json"})
         return Response(content=r.content, status_code=r.status_code, media_type=r.headers.get("content-type"))
 
     @app.get("/health")

@@ -13,26 +13,44 @@ import httpx
 
 logger = logging.getLogger(__name__)
 
-# httpcore's pool does O(connections^2) work every time a request starts or ends, which made 256 concurrent
-# /generate calls through one client cost seconds of client CPU; several smaller pools, used in turn, keep it cheap.
-_CLIENT_SHARDS = 16
-_clients: list[httpx.AsyncClient] = []
+class ShardedAsyncClient:
+    """A few smaller httpx pools used in turn. httpcore's pool does O(connections^2) work every time a request
+    starts or ends, which made 256 concurrent /generate calls through one client cost seconds of client CPU."""
+
+    SHARDS = 16
+
+    def __init__(self, timeout: float | None = None, shards: int = SHARDS) -> None:
+        limits = httpx.Limits(max_connections=4096 // shards, max_keepalive_connections=1024 // shards)
+        ssl_context = httpx.create_ssl_context()  # built once: loading the CA bundle takes ~20 ms
+        self.clients = [httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(timeout), verify=ssl_context)
+                        for _ in range(shards)]
+        self._turn = 0
+
+    def next(self) -> httpx.AsyncClient:
+        self._turn = (self._turn + 1) % len(self.clients)
+        return self.clients[self._turn]
+
+    @property
+    def is_closed(self) -> bool:
+        return any(c.is_closed for c in self.clients)
+
+    async def aclose(self) -> None:
+        for client in self.clients:
+            await client.aclose()
+
+
+_sharded: ShardedAsyncClient | None = None
 _client_loop: asyncio.AbstractEventLoop | None = None
-_turn = 0
 
 
 def _shared_client() -> httpx.AsyncClient:
-    """One of a few pooled clients of this event loop, in turn (httpx clients must not cross loops)."""
-    global _clients, _client_loop, _turn
+    """One of this event loop's pooled clients, in turn (httpx clients must not cross loops)."""
+    global _sharded, _client_loop
     loop = asyncio.get_running_loop()
-    if not _clients or _client_loop is not loop or any(c.is_closed for c in _clients):
-        limits = httpx.Limits(max_connections=4096 // _CLIENT_SHARDS, max_keepalive_connections=1024 // _CLIENT_SHARDS)
-        ssl_context = httpx.create_ssl_context()  # built once: loading the CA bundle takes ~20 ms
-        _clients = [httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(None), verify=ssl_context)
-                    for _ in range(_CLIENT_SHARDS)]
+    if _sharded is None or _client_loop is not loop or _sharded.is_closed:
+        _sharded = ShardedAsyncClient()
         _client_loop = loop
-    _turn = (_turn + 1) % _CLIENT_SHARDS
-    return _clients[_turn]
+    return _sharded.next()
 
 
 class HTTPStatusError(RuntimeError):
