@@ -430,23 +430,21 @@ def create_app(engine: AsyncEngine, tokenizer: Any, *, model_path: str, tokenize
             tags = [t for t in tags if t != "cuda_graph"]
         return tags
 
-    @app.post("/release_memory_occupation")
-    async def release_memory_occupation(request: Request):
+    async def change_memory(request: Request, change: Callable[[list[str] | None], Any], verb: str) -> JSONResponse:
         tags = await memory_tags(request)
         try:
-            await engine.release_memory(tags)
+            await change(tags)
         except (RuntimeError, ValueError) as e:
-            return _result(False, f"cannot release memory: {e}")
-        return _result(True, f"released {tags if tags is not None else 'all'}")
+            return _result(False, f"cannot {verb} memory: {e}")
+        return _result(True, f"{verb}d {tags if tags is not None else 'all'}")
+
+    @app.post("/release_memory_occupation")
+    async def release_memory_occupation(request: Request):
+        return await change_memory(request, engine.release_memory, "release")
 
     @app.post("/resume_memory_occupation")
     async def resume_memory_occupation(request: Request):
-        tags = await memory_tags(request)
-        try:
-            await engine.resume_memory(tags)
-        except (RuntimeError, ValueError) as e:
-            return _result(False, f"cannot resume memory: {e}")
-        return _result(True, f"resumed {tags if tags is not None else 'all'}")
+        return await change_memory(request, engine.resume_memory, "resume")
 
     @app.post("/update_weights_from_disk")
     async def update_weights_from_disk(request: Request):
