@@ -177,6 +177,11 @@ async def index_parity_reward(args, sample: Sample, **kwargs):
     return float(sample.index % 2)
 '''
 
+# The held group's hook waits `hold_steps` engine steps while the next group decodes; that group needs
+# far more steps than that to finish, so it is still in flight (and the one after it still queued) when
+# the batch fills, however slowly the hook's polls run on a loaded machine.
+LONG_RESPONSE = 160
+
 HOOK_PLUGIN = '''
 import asyncio
 from slime.utils.http_utils import get
@@ -203,7 +208,7 @@ def test_over_sampling_with_filter_returns_exactly_the_batch_and_aborts_the_rest
     hooks = plugin_dir("os_hooks", HOOK_PLUGIN)
     args = rollout_args(
         tiny_model_dir, engine.port, prompt_file, rollout_batch_size=3, over_sampling_batch_size=6,
-        n_samples_per_prompt=2, sglang_server_concurrency=2, rollout_max_response_len=24,
+        n_samples_per_prompt=2, sglang_server_concurrency=2, rollout_max_response_len=LONG_RESPONSE,
         custom_rm_path=f"{rewards}.index_parity_reward",
         dynamic_sampling_filter_path="slime.rollout.filter_hub.dynamic_sampling_filters.check_reward_nonzero_std",
         rollout_sample_hook_path=[f"{hooks}.hold_first_group"], hold_group_index=3, hold_steps=4)
@@ -235,7 +240,7 @@ def test_partial_rollout_is_continued_in_the_next_step_and_keeps_its_tokens(
     hooks = plugin_dir("pr_hooks", HOOK_PLUGIN)
     args = rollout_args(
         tiny_model_dir, engine.port, prompt_file, rollout_batch_size=1, over_sampling_batch_size=2,
-        n_samples_per_prompt=2, sglang_server_concurrency=2, rollout_max_response_len=32,
+        n_samples_per_prompt=2, sglang_server_concurrency=2, rollout_max_response_len=LONG_RESPONSE,
         custom_rm_path=f"{rewards}.index_parity_reward", partial_rollout=True,
         mask_offpolicy_in_partial_rollout=True, rollout_sample_hook_path=[f"{hooks}.hold_first_group"],
         hold_group_index=0, hold_steps=6)
@@ -251,7 +256,7 @@ def test_partial_rollout_is_continued_in_the_next_step_and_keeps_its_tokens(
     assert partial, "group 1 should have been aborted mid-generation"
     for s in partial:
         assert s.metadata["start_rollout_id"] == 0 and s.reward is None
-        assert s.response_length < 32 and len(s.rollout_log_probs) == s.response_length
+        assert s.response_length < LONG_RESPONSE and len(s.rollout_log_probs) == s.response_length
 
     args.hold_group_index = -1
     second = generate_rollout(args, 1, data_source)
