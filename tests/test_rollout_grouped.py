@@ -248,6 +248,26 @@ def test_engine_500_fails_the_group_with_one_request_per_attempt(engine, tiny_mo
         proxy.close()
 
 
+def test_eval_sends_whole_prompts_together_and_keeps_prompt_order(engine, tiny_model_dir, tmp_path):
+    proxy = CountingProxy(engine.url)
+    try:
+        data = tmp_path / "eval.jsonl"
+        data.write_text("".join(json.dumps({"input": f"{i}+1=", "label": str(i + 1)}) + "\n" for i in range(5)))
+        args = rollout_args(tiny_model_dir, proxy.port, rm_type="math", n_samples_per_eval_prompt=3,
+                            eval_max_response_len=3, eval_datasets=[{"name": "arith", "path": str(data)}])
+        output = generate_rollout(args, 0, None, evaluation=True)
+        samples = output.data["arith"]["samples"]
+        assert [s.group_index for s in samples] == [p for p in range(5) for _ in range(3)]
+        assert [s.index for s in samples] == list(range(15))
+        assert all(s.status in (Sample.Status.COMPLETED, Sample.Status.TRUNCATED) for s in samples)
+        # EVAL_SAMPLES_PER_REQUEST = 8 holds two prompts of 3 samples: requests of 6, 6 and 3 prompts
+        sizes = sorted(len(b["input_ids"]) for b in proxy.bodies)
+        assert sizes == [3, 6, 6]
+        assert output.metrics["eval/arith/failed"] == 0
+    finally:
+        proxy.close()
+
+
 def test_abort_mid_flight_returns_partial_samples(engine, tiny_model_dir):
     args = rollout_args(tiny_model_dir, engine.port, rollout_max_response_len=1500, partial_rollout=True)
     params = dict(base_sampling_params(args), ignore_eos=True)

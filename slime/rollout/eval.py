@@ -6,6 +6,8 @@ Sampling uses the `--eval-*` flags, falling back to the rollout ones. Per datase
 `rewards`, `truncated` and `samples` (in prompt order); the metrics hold the mean reward,
 pass@k for k = 1, 2, 4, ... <= n (unbiased estimator) and the truncated ratio.
 Failed samples (engine or reward errors) count as wrong and are reported under `eval/{name}/failed`.
+With the default generate, the samples of whole prompts go to the engine together, about
+EVAL_SAMPLES_PER_REQUEST samples per `/generate` request (see --rollout-group-requests).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from .generate import base_sampling_params
 from .rewarding import failure_reason
 
 _DATASETS: dict[tuple, list[Sample]] = {}
+EVAL_SAMPLES_PER_REQUEST = 8
 
 
 @dataclass
@@ -101,7 +104,7 @@ def dataset_metrics(name: str, rewards: list[float], truncated: list[bool], n: i
 
 
 async def eval_one_dataset(args, rollout_id: int, dataset: EvalDataset) -> tuple[dict[str, Any], dict[str, float]]:
-    from .sglang_rollout import generate_and_rm
+    from .sglang_rollout import generate_and_rm_group
 
     n = int(getattr(args, "n_samples_per_eval_prompt", 1) or 1)
     params = base_sampling_params(args, evaluation=True)
@@ -111,8 +114,11 @@ async def eval_one_dataset(args, rollout_id: int, dataset: EvalDataset) -> tuple
             sample = copy.deepcopy(prompt)
             sample.group_index, sample.index = p, len(samples)
             samples.append(sample)
-    results = await asyncio.gather(*(
-        generate_and_rm(args, s, dict(params), evaluation=True, rollout_id=rollout_id) for s in samples))
+    per_request = n * max(1, EVAL_SAMPLES_PER_REQUEST // n)
+    chunks = await asyncio.gather(*(
+        generate_and_rm_group(args, samples[i:i + per_request], dict(params), evaluation=True, rollout_id=rollout_id)
+        for i in range(0, len(samples), per_request)))
+    results = [result for chunk in chunks for result in chunk]
     flat = [s for r in results for s in (r if isinstance(r, list) else [r])]
     if len(flat) != len(samples):  # a fan-out generate: keep the last sample of each trajectory
         flat = [r[-1] if isinstance(r, list) else r for r in results]
