@@ -7,7 +7,8 @@
 Both runs generate `--num-prompts` x `--samples` sequences of exactly `--max-new-tokens` tokens (EOS
 ignored, temperature 1). Offline: `LLMEngine.generate` in this process. Server: a `python -m
 slime.engine.server` subprocess (same engine flags), the requests sent all at once as the rollout does
-(`slime.utils.http_utils.post`, one `/generate` per sample with `input_ids` and `return_logprob`).
+(`slime.utils.http_utils.post`, one `/generate` per sample with `input_ids` and `return_logprob`; with
+`--grouped` one batched `/generate` per prompt's samples, as `--rollout-group-requests` sends them).
 Both are warmed up first. Reports wall seconds of each, their ratio, engine steps and milliseconds per
 step, the server's time inside `engine.step()` (from `/get_server_info`), and per_step_host_ms: the
 server's extra milliseconds per step over the offline engine. Prints one JSON object (`--out` writes it).
@@ -49,6 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--server-args", default="", help="extra engine server flags, e.g. '--prefill-wait-ratio 0'")
     parser.add_argument("--client-shards", type=int, default=None,
                         help="httpx pools of the client (slime.utils.http_utils; 1 = one pool, as before the fix)")
+    parser.add_argument("--grouped", action="store_true",
+                        help="one batched /generate per prompt's --samples (the rollout's --rollout-group-requests)")
     parser.add_argument("--out", default=None)
     return parser.parse_args(argv)
 
@@ -149,15 +152,18 @@ def start_server(args: argparse.Namespace, num_seqs: int) -> tuple[subprocess.Po
     return proc, url, log
 
 
-async def fire(url: str, prompts: list[list[int]], params: dict[str, Any]) -> tuple[float, int]:
+async def fire(url: str, prompts: list[list[int]], params: dict[str, Any], group_size: int = 1) -> tuple[float, int]:
+    """All requests at once: one per sample, or (group_size > 1) one batched request per group of prompts."""
     from slime.utils.http_utils import post
 
+    bodies = [{"input_ids": prompts[i] if group_size == 1 else prompts[i:i + group_size],
+               "sampling_params": dict(params), "return_logprob": True} for i in range(0, len(prompts), group_size)]
     started = time.perf_counter()
-    answers = await asyncio.gather(*(post(url + "/generate", {"input_ids": p, "sampling_params": dict(params),
-                                                              "return_logprob": True}, max_retries=1)
-                                     for p in prompts))
+    answers = await asyncio.gather(*(post(url + "/generate", body, max_retries=1) for body in bodies))
     seconds = time.perf_counter() - started
-    tokens = sum(len(a["meta_info"]["output_token_logprobs"]) for a in answers)
+    flat = [a for answer in answers for a in (answer if isinstance(answer, list) else [answer])]
+    assert len(flat) == len(prompts), f"{len(flat)} answers for {len(prompts)} prompts"
+    tokens = sum(len(a["meta_info"]["output_token_logprobs"]) for a in flat)
     return seconds, tokens
 
 
@@ -219,7 +225,7 @@ async def _timed_server_runs(args: argparse.Namespace, url: str, engine_url: str
     best: dict[str, Any] | None = None
     for _ in range(args.repeats):
         steps0, step_s0 = await asyncio.to_thread(engine_counters, engine_url)
-        seconds, tokens = await fire(url, prompts, sampling(args))
+        seconds, tokens = await fire(url, prompts, sampling(args), args.samples if args.grouped else 1)
         steps1, step_s1 = await asyncio.to_thread(engine_counters, engine_url)
         if best is None or seconds < best["seconds"]:
             best = {"seconds": seconds, "steps": steps1 - steps0, "tokens": tokens, "in_step_seconds": step_s1 - step_s0}
@@ -244,7 +250,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     off_ms = 1000 * offline["seconds"] / max(1, offline["steps"])
     srv_ms = 1000 * server["seconds"] / max(1, server["steps"])
     result = {
-        "device": args.device, "model": args.model, "server_args": args.server_args, "requests": len(prompts), "max_new_tokens": args.max_new_tokens,
+        "device": args.device, "model": args.model, "server_args": args.server_args, "requests": len(prompts),
+        "grouped": args.grouped, "max_new_tokens": args.max_new_tokens,
         "offline_seconds": round(offline["seconds"], 4), "server_seconds": round(server["seconds"], 4),
         "ratio": round(server["seconds"] / offline["seconds"], 3),
         "offline_steps": offline["steps"], "server_steps": server["steps"],

@@ -91,12 +91,16 @@ def test_http_clients_are_sharded_per_loop():
     assert len(set(ids)) == http_utils.ShardedAsyncClient.SHARDS
 
 
-def test_server_overhead_benchmark_runs(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("grouped", [False, True])
+def test_server_overhead_benchmark_runs(tiny_model_dir, tmp_path, grouped):
     from benchmarks.server_overhead import main
 
     out = tmp_path / "overhead.json"
     result = main(["--model", str(tiny_model_dir), "--num-prompts", "4", "--samples", "2", "--max-new-tokens", "4",
-                   "--repeats", "1", "--via-router", "--out", str(out)])
+                   "--repeats", "1", "--via-router", "--out", str(out)] + (["--grouped"] if grouped else []))
     assert json.loads(out.read_text()) == result
+    assert result["grouped"] is grouped
+    # every sample answered with exactly --max-new-tokens tokens (EOS ignored), batched or not
+    assert result["server_tokens_per_s"] * result["server_seconds"] == pytest.approx(32, rel=0.01)
     assert result["requests"] == 8 and result["server_seconds"] > 0 and result["router_seconds"] > 0
     assert result["offline_steps"] >= 4 and result["server_steps"] >= 4
