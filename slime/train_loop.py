@@ -11,11 +11,12 @@ Per rollout (DESIGN §3): eval if due -> generate -> (colocated: engines release
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import ray
 
@@ -245,40 +246,54 @@ class Run:
 StepHook = Callable[["Run", int, dict[str, Any], dict[str, float]], None]
 
 
-def run(args: argparse.Namespace, on_start: Callable[["Run", int], None] | None = None,
-        on_step: StepHook | None = None) -> RunSummary:
-    """The synchronous loop of DESIGN §3. `on_start(run, start)` / `on_step(run, rollout_id, rollout_data, metrics)`
-    are called after set-up and after each rollout's weight sync (tests and tools inspect the live run there)."""
+@contextlib.contextmanager
+def _started(args: argparse.Namespace, on_start: Callable[["Run", int], None] | None
+             ) -> Iterator[tuple["Run", RunSummary]]:
+    """A set-up Run and its summary; on a clean exit the final eval runs, and the run is always torn down."""
     loop = Run(args)
     try:
         start = loop.start()
         if on_start is not None:
             on_start(loop, start)
-        num_rollout = loop.num_rollout()
-        summary = RunSummary(start, num_rollout)
+        summary = RunSummary(start, loop.num_rollout())
+        yield loop, summary
+        end = summary.num_rollout
+        if loop.eval_due(end, start, end) and end > start:
+            loop.log(end, loop.evaluate(end, summary))
+    finally:
+        loop.close()
+
+
+def _finish_step(loop: "Run", summary: RunSummary, rollout_id: int, rollout_data: dict[str, Any],
+                 metrics: tuple[dict[str, float], dict[str, float], dict[str, float]], on_step: StepHook | None) -> None:
+    """After training: push weights, log (eval, rollout, train) metrics, call on_step."""
+    if loop.trainer is not None:
+        version = loop.after_train(rollout_id)
+        summary.weight_version = version if version is not None else summary.weight_version
+    summary.last_metrics = loop.log(rollout_id, *metrics)
+    if on_step is not None:
+        on_step(loop, rollout_id, rollout_data, summary.last_metrics)
+
+
+def run(args: argparse.Namespace, on_start: Callable[["Run", int], None] | None = None,
+        on_step: StepHook | None = None) -> RunSummary:
+    """The synchronous loop of DESIGN §3. `on_start(run, start)` / `on_step(run, rollout_id, rollout_data, metrics)`
+    are called after set-up and after each rollout's weight sync (tests and tools inspect the live run there)."""
+    with _started(args, on_start) as (loop, summary):
+        start, num_rollout = summary.start_rollout_id, summary.num_rollout
         bar = progress_bar(total=num_rollout - start, desc="rollouts", unit="rollout")
         for rollout_id in range(start, num_rollout):
             eval_metrics = loop.evaluate(rollout_id, summary) if loop.eval_due(rollout_id, start, num_rollout) else {}
             with loop.timer("rollout_total"):
                 rollout_data, rollout_metrics = ray.get(loop.manager.generate.remote(rollout_id))
-            train_metrics: dict[str, float] = {}
-            if loop.trainer is not None:
-                train_metrics = loop.train(rollout_id, rollout_data)
+            train_metrics = loop.train(rollout_id, rollout_data) if loop.trainer is not None else {}
             if loop.save_due(rollout_id, num_rollout):
                 loop.save(rollout_id)
-            if loop.trainer is not None:
-                version = loop.after_train(rollout_id)
-                summary.weight_version = version if version is not None else summary.weight_version
-            summary.last_metrics = loop.log(rollout_id, eval_metrics, rollout_metrics, train_metrics)
-            if on_step is not None:
-                on_step(loop, rollout_id, rollout_data, summary.last_metrics)
+            _finish_step(loop, summary, rollout_id, rollout_data, (eval_metrics, rollout_metrics, train_metrics),
+                         on_step)
             bar.update(1)
         bar.close()
-        if loop.eval_due(num_rollout, start, num_rollout) and num_rollout > start:
-            loop.log(num_rollout, loop.evaluate(num_rollout, summary))
-        return summary
-    finally:
-        loop.close()
+    return summary
 
 
 def run_async(args: argparse.Namespace, on_start: Callable[["Run", int], None] | None = None,
@@ -287,13 +302,8 @@ def run_async(args: argparse.Namespace, on_start: Callable[["Run", int], None] |
     if args.colocate:
         raise ValueError("train_async.py does not support --colocate: the engines would generate while the trainer "
                          "holds the same GPUs; drop --colocate (disaggregated) or use train.py")
-    loop = Run(args)
-    try:
-        start = loop.start()
-        if on_start is not None:
-            on_start(loop, start)
-        num_rollout = loop.num_rollout()
-        summary = RunSummary(start, num_rollout)
+    with _started(args, on_start) as (loop, summary):
+        start, num_rollout = summary.start_rollout_id, summary.num_rollout
         next_rollout = loop.manager.generate.remote(start) if start < num_rollout else None
         for rollout_id in range(start, num_rollout):
             eval_metrics = loop.evaluate(rollout_id, summary) if loop.eval_due(rollout_id, start, num_rollout) else {}
@@ -307,17 +317,9 @@ def run_async(args: argparse.Namespace, on_start: Callable[["Run", int], None] |
             if save_now and loop.trainer is not None:
                 with loop.timer("save"):
                     loop.trainer.save(rollout_id)
-            if loop.trainer is not None:
-                version = loop.after_train(rollout_id)
-                summary.weight_version = version if version is not None else summary.weight_version
-            summary.last_metrics = loop.log(rollout_id, eval_metrics, rollout_metrics, train_metrics)
-            if on_step is not None:
-                on_step(loop, rollout_id, rollout_data, summary.last_metrics)
-        if loop.eval_due(num_rollout, start, num_rollout) and num_rollout > start:
-            loop.log(num_rollout, loop.evaluate(num_rollout, summary))
-        return summary
-    finally:
-        loop.close()
+            _finish_step(loop, summary, rollout_id, rollout_data, (eval_metrics, rollout_metrics, train_metrics),
+                         on_step)
+    return summary
 
 
 def _main(loop: Any, argv: list[str] | None, prog: str) -> RunSummary:
