@@ -76,7 +76,7 @@ else
   SFT=(); [ -f /tmp/vs/slime/sft_model/config.json ] && SFT=(--sft-model /tmp/vs/slime/sft_model)
   job rl_disagg 0,1 150 python benchmarks/rl_step.py --mode disaggregated "${SFT[@]}" \
       --workdir /tmp/rl2 --num-steps "${RL_STEPS:-8}" --out $RES/rl_step_disaggregated.json
-  job weight_sync 0,1 200 python benchmarks/weight_sync.py --presets qwen3-0.6b,qwen3-4b --modes disaggregated \
+  job weight_sync 0,1 200 python benchmarks/weight_sync.py --presets qwen3-0.6b,qwen3-4b --modes disaggregated,disaggregated_direct \
       --engine-gpu 1 --model-dir $MODELS/ws --out $RES/weight_sync_nccl.json
   job train_4b_x2 0,1 20 python benchmarks/train_throughput.py --presets qwen3-4b --num-gpus 2 \
       --variants eager,layer --no-baseline --model-dir $MODELS/train --out $RES/train_throughput_qwen3-4b_2gpu.json

@@ -12,7 +12,9 @@ The real path of the training loop, without Ray: an `FSDPTrainer` (1-rank group)
   the training loop does not);
 - colocated_direct (comparison): the same with SGLang's per-tensor format (one IPC handle per tensor);
 - disaggregated: engine on `--engine-gpu`, /init_weights_update_group once, then per bucket one
-  /update_weights_from_distributed POST while each tensor is broadcast over NCCL;
+  /update_weights_from_distributed POST while the bucket is broadcast over NCCL as one packed buffer
+  per dtype (the built-in engine's "flattened_bucket" format);
+- disaggregated_direct (comparison): the same, one broadcast per tensor (SGLang's form);
 - disk (baseline): the trainer writes HF safetensors, the engine POSTs /update_weights_from_disk.
 Checkpoints are random weights from tools/make_tiny_model.py. Before timing, each mode perturbs the
 trainer's weights and checks that the engine's greedy log-probs move from far off to within
@@ -46,8 +48,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
-MODES = ("colocated", "colocated_direct", "disaggregated", "disk")
-SYNC_MODE = {"colocated": "tensor", "colocated_direct": "tensor", "disaggregated": "distributed", "disk": "disk"}
+MODES = ("colocated", "colocated_direct", "disaggregated", "disaggregated_direct", "disk")
+SYNC_MODE = {"colocated": "tensor", "colocated_direct": "tensor", "disaggregated": "distributed",
+             "disaggregated_direct": "distributed", "disk": "disk"}
 TARGET = {"preset": "qwen3-0.6b", "mode": "colocated", "seconds": 0.2}
 PROMPT = [11, 57, 203, 42, 99, 150, 7, 64]
 NEW_TOKENS = 8
@@ -85,7 +88,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise ValueError("--reps and --disk-reps must be >= 1")
     args.cuda = torch.cuda.is_available() and not args.smoke
     two_gpus = torch.cuda.device_count() >= 2 and args.engine_gpu != args.trainer_gpu
-    if args.cuda and "disaggregated" in args.modes and not two_gpus:
+    if args.cuda and any(m.startswith("disaggregated") for m in args.modes) and not two_gpus:
         raise ValueError("--modes disaggregated needs a second GPU (--engine-gpu != --trainer-gpu)")
     return args
 
@@ -249,11 +252,13 @@ def run_mode(trainer: Any, engine_url: str, mode: str, reps: int, tolerance: flo
     from slime.ray.weight_sync import WeightSync, check_engine_versions
 
     sync = WeightSync(trainer.args, 0, SYNC_MODE[mode])
-    if mode == "colocated_direct":
+    if mode in ("colocated_direct", "disaggregated_direct"):
         sync.flatten = False
     elif smoke:  # exercise the packed format end to end on CPU
         sync.flatten = True
     flattened = bool(sync.flatten) or (sync.flatten is None and trainer.device == "cuda")
+    if SYNC_MODE[mode] == "distributed":
+        flattened = sync.flatten is not False
     engines = [{"url": engine_url, "tp_size": 1}]
     try:
         perturb(trainer, seed)
@@ -286,7 +291,7 @@ def run_mode(trainer: Any, engine_url: str, mode: str, reps: int, tolerance: flo
     phase_median = {k: statistics.median(p.get(k, 0.0) for p in phases) for k in phases[0]}
     return {"seconds": statistics.median(seconds), "seconds_all": seconds, "first_update_s": first_s,
             "phases_median_s": phase_median, "logprob_mismatch_before": before, "logprob_mismatch_after": after,
-            "verified": verified, "flattened": flattened if mode in ("colocated", "colocated_direct") else None,
+            "verified": verified, "flattened": flattened if mode != "disk" else None,
             **({"disk_bytes": written} if mode == "disk" else {})}
 
 
@@ -301,7 +306,7 @@ def run_preset(preset: str, bench: argparse.Namespace, bounds: dict[str, float],
     for mode in bench.modes:
         if not bench.cuda:
             placements[mode] = None
-        elif mode == "disaggregated" or (mode == "disk" and "disaggregated" in bench.modes):
+        elif SYNC_MODE[mode] == "distributed" or (mode == "disk" and "distributed" in map(SYNC_MODE.get, bench.modes)):
             placements[mode] = bench.engine_gpu
         else:
             placements[mode] = bench.trainer_gpu
@@ -320,7 +325,7 @@ def run_preset(preset: str, bench: argparse.Namespace, bounds: dict[str, float],
             row.update(run_mode(trainer, engines[gpu].url, mode, reps, bench.tolerance, seed=1000 + i,
                                 disk_dir=disk_dir, smoke=bench.smoke))
             row["GBps"] = stats["bytes"] / row["seconds"] / 1e9
-            bound = bounds.get("broadcast" if mode == "disaggregated" else "copy" if mode != "disk" else "")
+            bound = bounds.get("broadcast" if SYNC_MODE[mode] == "distributed" else "copy" if mode != "disk" else "")
             if bound:
                 row["bound_seconds"] = stats["bytes"] / bound
                 row["fraction_of_bound"] = row["bound_seconds"] / row["seconds"]
@@ -346,7 +351,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch.cuda.set_device(device)
     probe = (1 << 30) if bench.cuda else (64 << 20)
     bounds = {"copy": copy_bandwidth(device, probe)}
-    if "disaggregated" in bench.modes:
+    if any(SYNC_MODE[m] == "distributed" for m in bench.modes):
         bounds["broadcast"] = broadcast_bandwidth(device, bench.engine_gpu if bench.cuda else None, probe)
     work = bench.work_dir or tempfile.mkdtemp(prefix="slime_wsync_")
     disk_dir = os.path.join(work, "disk")

@@ -2,8 +2,8 @@
 
     python -m pytest -q tests/test_benchmarks_weight_sync.py
 
-`benchmarks/weight_sync.py --smoke` (tiny preset; shared-memory tensors packed and per tensor, gloo
-broadcast, disk) runs in a child process (it starts a 1-rank process group and an engine server). It
+`benchmarks/weight_sync.py --smoke` (tiny preset; shared-memory tensors and gloo broadcasts, each
+packed and per tensor; disk) runs in a child process (it starts a 1-rank process group and an engine server). It
 exits 1 unless the engine's log-probs move onto the trainer's after each first sync; here we also
 assert the keys and that the mismatch really dropped. No timing asserts.
 """
@@ -29,7 +29,7 @@ def test_weight_sync_smoke(tmp_path):
     assert report["benchmark"] == "weight_sync" and report["device"] == "cpu"
     assert report["copy_bandwidth_GBps"] > 0 and report["broadcast_bandwidth_GBps"] > 0
     rows = {r["mode"]: r for r in report["results"]}
-    assert set(rows) == {"colocated", "colocated_direct", "disaggregated", "disk"}
+    assert set(rows) == {"colocated", "colocated_direct", "disaggregated", "disaggregated_direct", "disk"}
     for mode, row in rows.items():
         for key in ("preset", "transport", "seconds", "seconds_all", "bytes", "num_tensors", "num_buckets",
                     "GBps", "bucket_bytes", "phases_median_s", "logprob_mismatch_before", "logprob_mismatch_after"):
@@ -41,6 +41,7 @@ def test_weight_sync_smoke(tmp_path):
     assert rows["colocated"]["transport"] == "tensor" and "bound_seconds" in rows["colocated"]
     assert rows["colocated"]["flattened"] is True and rows["colocated_direct"]["flattened"] is False
     assert rows["disaggregated"]["transport"] == "distributed" and "bound_seconds" in rows["disaggregated"]
+    assert rows["disaggregated"]["flattened"] is True and rows["disaggregated_direct"]["flattened"] is False
     assert rows["disk"]["disk_bytes"] > 0
 
 

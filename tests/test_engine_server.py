@@ -278,6 +278,8 @@ def test_bad_generate_requests_get_400_with_message(server, payload, message):
      "unknown dtype 'complex7'"),
     ("/update_weights_from_distributed", {"names": ["a", "b"], "dtypes": ["float32"], "shapes": [[1]]},
      "differ in length"),
+    ("/update_weights_from_distributed", {"names": ["a"], "dtypes": ["float32"], "shapes": [[1]],
+                                          "load_format": "zstd_bucket"}, "load_format 'zstd_bucket'"),
     ("/init_weights_update_group", {"master_address": "127.0.0.1", "master_port": 1, "world_size": 2,
                                     "rank_offset": 5}, "outside world_size"),
 ])

@@ -3,18 +3,22 @@
     python -m pytest -q tests/test_engine_server_weights.py
 
 The server starts on the seed-0 tiny model; each test loads another seed's weights and checks that
-greedy tokens and log-probs equal an in-process LLMEngine started directly on that checkpoint.
+greedy tokens and log-probs equal an in-process LLMEngine started directly on that checkpoint, or
+(broadcasts of mixed-dtype buckets, per tensor and "flattened_bucket", also through WeightSync)
+exactly what the same server serves with those weights loaded from disk.
 """
 
 from __future__ import annotations
 
 import asyncio
+import shutil
 import threading
+from types import SimpleNamespace
 
 import httpx
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from slime.engine import EngineConfig, LLMEngine, SamplingParams
 from slime.engine.weight_transport import (
@@ -22,6 +26,7 @@ from slime.engine.weight_transport import (
     destroy,
     dtype_name,
     init_weights_update_group,
+    pack_by_dtype,
     serialize_named_tensors,
 )
 from test_engine_server import ServerProcess, free_port, generate, post
@@ -98,9 +103,55 @@ def test_update_from_tensor_through_shared_memory(server, seeds):
     assert_serves(server, refs[2], "tensor-2")
 
 
-def test_update_from_gloo_broadcast_group_in_buckets(server, seeds):
-    dirs, refs = seeds
+MIXED_DTYPES = (torch.bfloat16, torch.float32, torch.float64)  # tensor i travels as MIXED_DTYPES[i % 3]
+
+
+@pytest.fixture(scope="module")
+def mixed(seeds, tmp_path_factory):
+    """Seed 3's checkpoint with every third tensor rounded to bf16 (so it travels as bf16 losslessly), its
+    tensors in the dtypes they travel in, and what the server serves once it has loaded it from disk."""
+    dirs, _ = seeds
+    path = tmp_path_factory.mktemp("mixed-dtype")
+    shutil.copytree(dirs[3], path, dirs_exist_ok=True)
     named = checkpoint_tensors(dirs[3])
+    rounded = {n: t.to(torch.bfloat16).float() if i % 3 == 0 else t for i, (n, t) in enumerate(named)}
+    save_file(rounded, str(path / "model.safetensors"))
+    sent = [(n, t.to(MIXED_DTYPES[i % 3])) for i, (n, t) in enumerate(rounded.items())]
+    return path, sent
+
+
+def expected_from_disk(server, path, then_path) -> dict:
+    """What the server serves with `path` loaded from disk; it is left on `then_path`'s weights, which
+    serve something else."""
+    response = post(server, "/update_weights_from_disk", {"model_path": str(path), "weight_version": "from-disk"})
+    assert response.status_code == 200 and response.json()["success"], response.text
+    expected = served(server)
+    response = post(server, "/update_weights_from_disk", {"model_path": str(then_path), "weight_version": "other"})
+    assert response.status_code == 200 and served(server)["logprobs"] != expected["logprobs"]
+    return expected
+
+
+class CountingGroup:
+    """Wraps a process group and counts its broadcasts (collectives the sender issued)."""
+
+    def __init__(self, group) -> None:
+        self.group, self.broadcasts = group, 0
+
+    def broadcast(self, *args):
+        self.broadcasts += 1
+        return self.group.broadcast(*args)
+
+    def __getattr__(self, name):
+        return getattr(self.group, name)
+
+
+@pytest.mark.parametrize("load_format", [None, "flattened_bucket"])
+def test_update_from_gloo_broadcast_group_in_buckets(server, seeds, mixed, load_format):
+    """Mixed-dtype buckets, per tensor (SGLang's form) or one buffer per dtype: afterwards the server
+    serves exactly what it serves with the same weights loaded from disk."""
+    dirs, _ = seeds
+    path, named = mixed
+    expected = expected_from_disk(server, path, dirs[0])
     port = free_port()
     joined: dict = {}
     join = threading.Thread(target=lambda: joined.setdefault("response", post(server, "/init_weights_update_group", {
@@ -111,26 +162,85 @@ def test_update_from_gloo_broadcast_group_in_buckets(server, seeds):
                                        backend="gloo", timeout_s=120)
     join.join(120)
     assert joined["response"].status_code == 200 and joined["response"].json()["success"], joined["response"].text
+    handle.process_group = counter = CountingGroup(handle.process_group)
     try:
         buckets = [named[: len(named) // 2], named[len(named) // 2:]]
         for i, bucket in enumerate(buckets):
             answer: dict = {}
-            request = threading.Thread(target=lambda b=bucket, last=(i == len(buckets) - 1): answer.setdefault(
-                "response", post(server, "/update_weights_from_distributed", {
-                    "names": [n for n, _ in b], "dtypes": [dtype_name(t.dtype) for _, t in b],
-                    "shapes": [list(t.shape) for _, t in b], "group_name": "trainer-engines",
-                    "flush_cache": last, "weight_version": "dist-3" if last else None})))
+            body = {"names": [n for n, _ in bucket], "dtypes": [dtype_name(t.dtype) for _, t in bucket],
+                    "shapes": [list(t.shape) for _, t in bucket], "group_name": "trainer-engines",
+                    "flush_cache": i == len(buckets) - 1, "weight_version": "dist-3" if i == len(buckets) - 1 else None}
+            if load_format is not None:
+                body["load_format"] = load_format
+            request = threading.Thread(target=lambda a=answer, b=body: a.setdefault(
+                "response", post(server, "/update_weights_from_distributed", b)))
             request.start()
-            broadcast_tensors(handle, [t for _, t in bucket], src=0)
+            before = counter.broadcasts
+            if load_format is None:
+                broadcast_tensors(handle, [t for _, t in bucket], src=0)
+                assert counter.broadcasts - before == len(bucket)
+            else:
+                broadcast_tensors(handle, pack_by_dtype(bucket, handle.device), src=0)
+                assert counter.broadcasts - before == len(MIXED_DTYPES)  # one collective per dtype
             request.join(120)
-            assert answer["response"].status_code == 200 and answer["response"].json()["success"]
-        assert_serves(server, refs[3], "dist-3")
+            assert answer["response"].status_code == 200 and answer["response"].json()["success"], answer[
+                "response"].text
+        got = served(server)
+        assert got["version"] == "dist-3"
+        assert got["ids"] == expected["ids"] and got["logprobs"] == expected["logprobs"]  # bit-exact weights
     finally:
         destroy(handle)
     response = post(server, "/destroy_weights_update_group", {"group_name": "trainer-engines"})
     assert response.status_code == 200 and response.json()["success"]
     again = post(server, "/destroy_weights_update_group", {"group_name": "trainer-engines"})
     assert again.status_code == 400 and "no weight update group" in again.json()["message"]
+
+
+class BucketTrainer:
+    """What WeightSync reads of a trainer: a weight version and `export_weights(bucket_bytes)` buckets."""
+
+    def __init__(self, named: list[tuple[str, torch.Tensor]], version: int) -> None:
+        self.named, self.weight_version = named, version
+
+    def export_weights(self, bucket_bytes: int):
+        bucket, size = [], 0
+        for name, tensor in self.named:
+            bucket.append((name, tensor.clone()))
+            size += tensor.numel() * tensor.element_size()
+            if size >= bucket_bytes:
+                yield bucket
+                bucket, size = [], 0
+        if bucket:
+            yield bucket
+
+
+@pytest.mark.parametrize("backend", ["builtin", "sglang"])
+def test_weight_sync_broadcasts_flattened_buckets_to_the_builtin_engine(server, seeds, mixed, backend):
+    """WeightSync's disaggregated mode: "flattened_bucket" for the built-in engine, per tensor for SGLang."""
+    from slime.ray.weight_sync import WeightSync
+
+    dirs, _ = seeds
+    path, named = mixed
+    expected = expected_from_disk(server, path, dirs[0])
+    args = SimpleNamespace(rollout_backend=backend, update_weight_buffer_size=20_000, colocate=False)
+    sync = WeightSync(args, rank=0, mode="distributed")
+    formats: list = []
+    plain_post = sync._post
+
+    def recording_post(url, payload, timeout=600.0):
+        if url.endswith("/update_weights_from_distributed"):
+            formats.append(payload.get("load_format"))
+        return plain_post(url, payload, timeout)
+
+    sync._post = recording_post
+    try:
+        assert sync.update(BucketTrainer(named, 7), [{"url": server.url, "tp_size": 1}]) == 7
+    finally:
+        sync.close()
+    assert len(formats) > 1  # several buckets
+    assert set(formats) == ({"flattened_bucket"} if backend == "builtin" else {None})
+    got = served(server)
+    assert got["version"] == "7" and got["ids"] == expected["ids"] and got["logprobs"] == expected["logprobs"]
 
 
 def test_update_with_unknown_tensor_name_fails_and_keeps_version(server, seeds):

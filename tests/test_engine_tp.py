@@ -4,8 +4,8 @@
 
 Each tp engine starts its worker ranks as processes; the checks compare greedy tokens (exact) and
 log-probs (1e-4, float32) with a tp 1 engine on the same checkpoint, after weight updates from disk,
-tensors and a gloo broadcast, after memory release/resume, and through the HTTP server, which must
-leave no worker process behind when it stops or is SIGKILLed.
+tensors and a gloo broadcast (per tensor and "flattened_bucket"), after memory release/resume, and
+through the HTTP server, which must leave no worker process behind when it stops or is SIGKILLed.
 """
 
 from __future__ import annotations
@@ -85,12 +85,21 @@ def test_weight_updates_from_disk_and_tensors(tp2, sharp_tiny_dir, new_weights_d
         tp2.load_serialized_weights([payload] * 3)
 
 
-def test_weight_update_over_a_gloo_group(tp2, sharp_tiny_dir, reference):
-    """The trainer is rank 0; engine tp rank r joins as rank_offset + r and keeps its shard of each tensor."""
+def mixed_dtypes(named: list[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
+    """Every other tensor as float64 (lossless): buckets of two interleaved dtypes."""
+    return [(n, t.double() if i % 2 else t) for i, (n, t) in enumerate(named)]
+
+
+@pytest.mark.parametrize("load_format", [None, "flattened_bucket"])
+def test_weight_update_over_a_gloo_group(tp2, sharp_tiny_dir, new_weights_dir, reference, load_format):
+    """The trainer is rank 0; engine tp rank r joins as rank_offset + r and keeps its shard of each tensor,
+    sent one broadcast per tensor or ("flattened_bucket") one per dtype."""
     from slime.engine.models.loader import iterate_checkpoint
-    from slime.engine.weight_transport import broadcast_tensors, destroy, dtype_name, init_weights_update_group
+    from slime.engine.weight_transport import (broadcast_tensors, destroy, dtype_name, init_weights_update_group,
+                                               pack_by_dtype)
     from test_engine_server import free_port
 
+    tp2.load_weights_from_disk(str(new_weights_dir))  # the broadcast must bring the old weights back
     port = free_port()
     box: dict = {}
     joiner = threading.Thread(target=lambda: box.update(
@@ -98,12 +107,16 @@ def test_weight_update_over_a_gloo_group(tp2, sharp_tiny_dir, reference):
     joiner.start()
     trainer = init_weights_update_group("127.0.0.1", port, 0, 3, "g", "gloo")
     joiner.join(60)
-    named = list(iterate_checkpoint(str(sharp_tiny_dir)))
-    names, dtypes, shapes = [n for n, _ in named], [dtype_name(t.dtype) for _, t in named], [list(t.shape) for _, t in named]
-    receiver = threading.Thread(target=lambda: tp2.runner.receive_weights(box["group"], names, dtypes, shapes))
+    named = mixed_dtypes(list(iterate_checkpoint(str(sharp_tiny_dir))))
+    names, dtypes = [n for n, _ in named], [dtype_name(t.dtype) for _, t in named]
+    shapes = [list(t.shape) for _, t in named]
+    receiver = threading.Thread(target=lambda: tp2.runner.receive_weights(box["group"], names, dtypes, shapes,
+                                                                          load_format))
     receiver.start()
-    broadcast_tensors(trainer, [t for _, t in named], src=0)
+    tensors = [t for _, t in named] if load_format is None else pack_by_dtype(named, trainer.device)
+    broadcast_tensors(trainer, tensors, src=0)
     receiver.join(60)
+    assert not receiver.is_alive()
     tp2.flush_cache()
     assert_same(reference["old"], tp2.generate(ENGINE_PROMPTS, GREEDY))
     tp2.runner.leave_weight_group(box["group"])
@@ -196,12 +209,17 @@ def _wait_gone(pids: set[int], timeout: float = 30.0) -> set[int]:
 def _http_weight_updates(server, old_dir: Path, new_dir: Path, reference: dict[str, list[dict]]) -> None:
     from slime.engine.models.loader import iterate_checkpoint
     from slime.engine.weight_transport import (broadcast_tensors, destroy, dtype_name, init_weights_update_group,
-                                               serialize_named_tensors)
+                                               pack_by_dtype, serialize_named_tensors)
     from test_engine_server import free_port, generate, post
 
     def greedy(prompt: list[int]) -> list[int]:
         return generate(server, {"input_ids": prompt, "sampling_params": {"temperature": 0, "max_new_tokens": 10}})[
             "output_ids"]
+
+    def with_logprobs(prompt: list[int]) -> tuple[list[int], list[float]]:
+        out = generate(server, {"input_ids": prompt, "return_logprob": True,
+                                "sampling_params": {"temperature": 0, "max_new_tokens": 10}})
+        return out["output_ids"], [p[0] for p in out["meta_info"]["output_token_logprobs"]]
 
     prompt, index = ENGINE_PROMPTS[0], 0
     assert post(server, "/update_weights_from_disk", {"model_path": str(new_dir)}).json()["success"]
@@ -210,7 +228,8 @@ def _http_weight_updates(server, old_dir: Path, new_dir: Path, reference: dict[s
     payload = serialize_named_tensors(named)
     response = post(server, "/update_weights_from_tensor", {"serialized_named_tensors": [payload, payload]})
     assert response.json()["success"], response.text
-    assert greedy(prompt) == reference["old"][index]["token_ids"]
+    old_served = with_logprobs(prompt)
+    assert old_served[0] == reference["old"][index]["token_ids"]
     # trainer rank 0 + engine tp ranks 1, 2 over gloo; the new weights arrive by broadcast
     port, box = free_port(), {}
     init = {"master_address": "127.0.0.1", "master_port": port, "rank_offset": 1, "world_size": 3,
@@ -229,6 +248,19 @@ def _http_weight_updates(server, old_dir: Path, new_dir: Path, reference: dict[s
     sender.join(60)
     assert box["update"].json()["success"], box["update"].text
     assert greedy(prompt) == reference["new"][index]["token_ids"]
+    # then the old weights again, in two-dtype buckets packed one buffer per dtype: bit-exact on every rank
+    for bucket in (named[: len(named) // 2], named[len(named) // 2:]):
+        bucket = mixed_dtypes(bucket)
+        body = {"names": [n for n, _ in bucket], "dtypes": [dtype_name(t.dtype) for _, t in bucket],
+                "shapes": [list(t.shape) for _, t in bucket], "group_name": "tp-test",
+                "load_format": "flattened_bucket"}
+        sender = threading.Thread(target=lambda b=body: box.update(
+            update=post(server, "/update_weights_from_distributed", b)))
+        sender.start()
+        broadcast_tensors(trainer, pack_by_dtype(bucket, trainer.device), src=0)
+        sender.join(60)
+        assert box["update"].json()["success"], box["update"].text
+    assert with_logprobs(prompt) == old_served
     assert post(server, "/destroy_weights_update_group", {"group_name": "tp-test"}).json()["success"]
     destroy(trainer)
 

@@ -49,6 +49,7 @@ from slime.engine.protocol import (
 from slime.engine.server_args import engine_config_kwargs, parse_server_args
 from slime.engine.weight_transport import (
     WeightUpdateGroup,
+    check_load_format,
     destroy,
     dtype_from_name,
     init_weights_update_group,
@@ -238,6 +239,9 @@ class EngineServer:
         return _result(True, f"joined weight update group {name!r} as rank {rank}")
 
     async def update_from_distributed(self, body: dict) -> JSONResponse:
+        """Receive a bucket over a weight update group: one broadcast per tensor, or with load_format
+        "flattened_bucket" one per dtype (offsets derived from names, dtypes and shapes)."""
+        load_format = check_load_format(body["load_format"])
         names, dtypes, shapes = body["names"], body["dtypes"], body["shapes"]
         if not (len(names) == len(dtypes) == len(shapes)):
             raise ProtocolError(f"names, dtypes and shapes differ in length ({len(names)}, {len(dtypes)}, {len(shapes)})")
@@ -252,10 +256,10 @@ class EngineServer:
 
         def load(engine: Any) -> int:
             if self.tp_size > 1:  # every tp rank receives the full tensors and keeps its shard
-                engine.runner.receive_weights(group, names, dtypes, shapes)
-                engine.flush_cache()
+                engine.runner.receive_weights(group, names, dtypes, shapes, load_format)
+                engine.block_manager.reset_prefix_cache()  # as engine.load_weights does, requests running or not
             else:
-                engine.load_weights(receive_named_tensors(group, names, dtypes, shapes, src=0))
+                engine.load_weights(receive_named_tensors(group, names, dtypes, shapes, src=0, load_format=load_format))
             return len(names)
 
         count, failed = await self._update_weights(body, load, "update from distributed failed")

@@ -180,10 +180,12 @@ class TPWorker:
         self.groups[name] = init_weights_update_group(address, port, rank, world_size, name, backend,
                                                       device=self.runner.device)
 
-    def op_receive_weights(self, name: str, names: list[str], dtypes: list[str], shapes: list[list[int]]) -> None:
+    def op_receive_weights(self, name: str, names: list[str], dtypes: list[str], shapes: list[list[int]],
+                           load_format: str | None = None) -> None:
         from slime.engine.weight_transport import receive_named_tensors
 
-        self.runner.load_weights(receive_named_tensors(self.groups[name], names, dtypes, shapes, src=0))
+        self.runner.load_weights(receive_named_tensors(self.groups[name], names, dtypes, shapes, src=0,
+                                                       load_format=load_format))
 
     def op_leave_group(self, name: str) -> None:
         from slime.engine.weight_transport import destroy
@@ -368,11 +370,14 @@ class TPModelRunner:
             lambda: init_weights_update_group(address, port, rank_offset, world_size, name, backend,
                                               device=self.local.device))
 
-    def receive_weights(self, group: Any, names: list[str], dtypes: list[str], shapes: list[list[int]]) -> None:
+    def receive_weights(self, group: Any, names: list[str], dtypes: list[str], shapes: list[list[int]],
+                        load_format: str | None = None) -> None:
+        """Every rank receives the bucket (per tensor, or "flattened_bucket": per dtype) and keeps its shard."""
         from slime.engine.weight_transport import receive_named_tensors
 
-        self._call_all(lambda rank: ("receive_weights", (group.group_name, names, dtypes, shapes)),
-                       lambda: self.local.load_weights(receive_named_tensors(group, names, dtypes, shapes, src=0)))
+        self._call_all(lambda rank: ("receive_weights", (group.group_name, names, dtypes, shapes, load_format)),
+                       lambda: self.local.load_weights(receive_named_tensors(group, names, dtypes, shapes, src=0,
+                                                                             load_format=load_format)))
 
     def leave_weight_group(self, group: Any) -> None:
         from slime.engine.weight_transport import destroy

@@ -5,19 +5,24 @@
     broadcast_tensors(handle, [t for _, t in named], src=0); destroy(handle)
 
     serialized, buffer = serialize_flattened_bucket(named)  # built-in engine: one buffer per bucket
+    broadcast_tensors(handle, pack_by_dtype(named, handle.device))  # built-in engine: one buffer per dtype
 
 Both sides import this module: the trainer serialises / broadcasts, the engine server deserialises /
 receives (`slime/engine/server.py`). `serialize_named_tensors` is SGLang's format (a pickled list of
 (name, tensor)); `serialize_flattened_bucket` packs a bucket into one byte buffer plus plain metadata,
 so a bucket costs one CUDA IPC handle / one shared-memory file instead of one per tensor;
 `deserialize_named_tensors` reads both (the packed one as views into the buffer), and the receiver
-calls `finish_reading(named)` after copying out. Tensors travel as base64 of `ForkingPickler`
-bytes with torch's reductions: CUDA IPC handles on GPU, shared-memory files ("file_system" sharing
-strategy, set process-wide here) on CPU. The sender must keep its tensors alive until the receiving
-HTTP call has returned. Process groups made here are standalone (own TCPStore, own gloo / NCCL
-backend object): the default process group of either side is never touched, so a trainer that
-already runs torch.distributed can still join an engine. `destroy` is local (it never waits for the
-other ranks), so each side may leave in any order.
+calls `finish_reading(named)` after copying out. Over a process group the built-in engine takes
+load_format "flattened_bucket" too: the sender broadcasts one uint8 buffer per dtype of the bucket
+(`pack_by_dtype`) instead of one tensor at a time; the receiver derives every offset from the names,
+dtypes and shapes of the request (`bucket_layout`, the same 64-byte aligned layout as
+`flatten_named_tensors`) and loads views (`receive_named_tensors(..., load_format=...)`).
+By reference, tensors travel as base64 of `ForkingPickler` bytes with torch's reductions: CUDA IPC
+handles on GPU, shared-memory files ("file_system" sharing strategy, set process-wide here) on CPU;
+the sender must keep its tensors alive until the receiving HTTP call has returned. Process groups
+made here are standalone (own TCPStore, own gloo / NCCL backend object): the default process group
+of either side is never touched, so a trainer that already runs torch.distributed can still join an
+engine. `destroy` is local (it never waits for the other ranks), so each side may leave in any order.
 """
 
 from __future__ import annotations
@@ -70,7 +75,44 @@ def serialize_named_tensors(named_tensors: Sequence[tuple[str, torch.Tensor]]) -
 
 
 FLATTENED_KEY = "slime_flattened_bucket"
+FLATTENED_BUCKET = "flattened_bucket"  # load_format of a packed bucket, by reference or by broadcast
 _ALIGN = 64  # bytes; every tensor starts aligned so its dtype view and vectorised copies are legal
+
+
+def _nbytes(dtype: torch.dtype, shape: Sequence[int]) -> int:
+    numel = 1
+    for d in shape:
+        numel *= int(d)
+    return numel * dtype.itemsize
+
+
+def bucket_layout(dtypes: Sequence[torch.dtype], shapes: Sequence[Sequence[int]]) -> tuple[list[int], int]:
+    """Byte offset of each tensor in a packed uint8 buffer (64-byte aligned, in order) and the buffer's
+    size; sender and receiver both derive the layout from dtypes and shapes alone."""
+    offsets, total = [], 0
+    for dtype, shape in zip(dtypes, shapes, strict=True):
+        offsets.append(total)
+        total += -(-_nbytes(dtype, shape) // _ALIGN) * _ALIGN
+    return offsets, max(total, _ALIGN)
+
+
+def _pack_into(buffer: torch.Tensor, tensors: Sequence[torch.Tensor], offsets: Sequence[int]) -> None:
+    with torch.no_grad():
+        for tensor, offset in zip(tensors, offsets):
+            nbytes = tensor.numel() * tensor.element_size()
+            if nbytes:
+                buffer[offset:offset + nbytes].view(tensor.dtype).view(tensor.shape).copy_(tensor)
+
+
+def _views(buffer: torch.Tensor, names: Sequence[str], dtypes: Sequence[torch.dtype],
+           shapes: Sequence[Sequence[int]], offsets: Sequence[int]) -> list[tuple[str, torch.Tensor]]:
+    out = []
+    for name, dtype, shape, offset in zip(names, dtypes, shapes, offsets):
+        nbytes = _nbytes(dtype, shape)
+        if offset < 0 or offset + nbytes > buffer.numel():
+            raise ValueError(f"flattened bucket: tensor {name!r} lies outside the buffer")
+        out.append((str(name), buffer[offset:offset + nbytes].view(dtype).view(tuple(int(d) for d in shape))))
+    return out
 
 
 def flatten_named_tensors(named_tensors: Sequence[tuple[str, torch.Tensor]]) -> dict[str, Any]:
@@ -79,21 +121,16 @@ def flatten_named_tensors(named_tensors: Sequence[tuple[str, torch.Tensor]]) -> 
     if not named_tensors:
         raise ValueError("flatten_named_tensors needs at least one tensor")
     device = named_tensors[0][1].device
-    offsets, total = [], 0
     for name, tensor in named_tensors:
         if tensor.device != device:
             raise ValueError(f"tensor {name!r} is on {tensor.device}, the bucket on {device}")
-        offsets.append(total)
-        total += -(-tensor.numel() * tensor.element_size() // _ALIGN) * _ALIGN
-    buffer = torch.empty(max(total, _ALIGN), dtype=torch.uint8, device=device)
-    with torch.no_grad():
-        for (_, tensor), offset in zip(named_tensors, offsets):
-            nbytes = tensor.numel() * tensor.element_size()
-            if nbytes:
-                buffer[offset:offset + nbytes].view(tensor.dtype).view(tensor.shape).copy_(tensor)
+    tensors = [t for _, t in named_tensors]
+    offsets, size = bucket_layout([t.dtype for t in tensors], [t.shape for t in tensors])
+    buffer = torch.empty(size, dtype=torch.uint8, device=device)
+    _pack_into(buffer, tensors, offsets)
     return {FLATTENED_KEY: 1, "buffer": buffer, "names": [str(n) for n, _ in named_tensors],
-            "dtypes": [dtype_name(t.dtype) for _, t in named_tensors],
-            "shapes": [list(t.shape) for _, t in named_tensors], "offsets": offsets}
+            "dtypes": [dtype_name(t.dtype) for t in tensors], "shapes": [list(t.shape) for t in tensors],
+            "offsets": offsets}
 
 
 def unflatten_named_tensors(bucket: dict[str, Any]) -> list[tuple[str, torch.Tensor]]:
@@ -104,16 +141,45 @@ def unflatten_named_tensors(bucket: dict[str, Any]) -> list[tuple[str, torch.Ten
         raise ValueError("flattened bucket: 'buffer' must be a 1-D uint8 tensor")
     if not (len(names) == len(dtypes) == len(shapes) == len(offsets)):
         raise ValueError("flattened bucket: names, dtypes, shapes and offsets differ in length")
-    out = []
-    for name, dt, shape, offset in zip(names, dtypes, shapes, offsets):
-        dtype = dtype_from_name(dt)
-        numel = 1
-        for d in shape:
-            numel *= int(d)
-        nbytes = numel * torch.empty((), dtype=dtype).element_size()
-        if offset < 0 or offset + nbytes > buffer.numel():
-            raise ValueError(f"flattened bucket: tensor {name!r} lies outside the buffer")
-        out.append((str(name), buffer[offset:offset + nbytes].view(dtype).view(tuple(int(d) for d in shape))))
+    return _views(buffer, names, [dtype_from_name(d) for d in dtypes], shapes, offsets)
+
+
+def dtype_layout(dtypes: Sequence[torch.dtype], shapes: Sequence[Sequence[int]]
+                 ) -> list[tuple[torch.dtype, list[int], list[int], int]]:
+    """The per-dtype buffers of a broadcast bucket: (dtype, indices of its tensors in bucket order, their
+    byte offsets, buffer bytes), dtypes in order of first appearance."""
+    members: dict[torch.dtype, list[int]] = {}
+    for i, dtype in enumerate(dtypes):
+        members.setdefault(dtype, []).append(i)
+    layout = []
+    for dtype, indices in members.items():
+        offsets, size = bucket_layout([dtype] * len(indices), [shapes[i] for i in indices])
+        layout.append((dtype, indices, offsets, size))
+    return layout
+
+
+def pack_by_dtype(named_tensors: Sequence[tuple[str, torch.Tensor]], device: torch.device) -> list[torch.Tensor]:
+    """Sender of a "flattened_bucket" broadcast: one uint8 buffer on `device` per dtype of the bucket."""
+    tensors = [t.detach() for _, t in named_tensors]
+    buffers = []
+    for _, indices, offsets, size in dtype_layout([t.dtype for t in tensors], [t.shape for t in tensors]):
+        buffer = torch.empty(size, dtype=torch.uint8, device=device)
+        _pack_into(buffer, [tensors[i] for i in indices], offsets)
+        buffers.append(buffer)
+    return buffers
+
+
+def unpack_by_dtype(buffers: Sequence[torch.Tensor], names: Sequence[str], dtypes: Sequence[torch.dtype],
+                    shapes: Sequence[Sequence[int]]) -> list[tuple[str, torch.Tensor]]:
+    """Inverse of `pack_by_dtype`: views into `buffers` (no copy), in bucket order."""
+    layout = dtype_layout(dtypes, shapes)
+    assert len(buffers) == len(layout), "one buffer per dtype"
+    out: list[Any] = [None] * len(names)
+    for buffer, (dtype, indices, offsets, _) in zip(buffers, layout):
+        views = _views(buffer, [names[i] for i in indices], [dtype] * len(indices), [shapes[i] for i in indices],
+                       offsets)
+        for i, view in zip(indices, views):
+            out[i] = view
     return out
 
 
@@ -222,14 +288,31 @@ def broadcast_tensors(handle: WeightUpdateGroup, tensors: Iterable[torch.Tensor]
         work.wait()
 
 
+def check_load_format(load_format: str | None) -> str | None:
+    """`load_format` of /update_weights_from_distributed: None (one broadcast per tensor, SGLang's form) or
+    "flattened_bucket" (one per dtype); ValueError naming any other."""
+    if load_format not in (None, FLATTENED_BUCKET):
+        raise ValueError(f"load_format {load_format!r} is not supported by /update_weights_from_distributed "
+                         f"(use {FLATTENED_BUCKET!r} or leave it out)")
+    return load_format
+
+
 def receive_named_tensors(
-    handle: WeightUpdateGroup, names: Sequence[str], dtypes: Sequence[str], shapes: Sequence[Sequence[int]], src: int = 0
+    handle: WeightUpdateGroup, names: Sequence[str], dtypes: Sequence[str], shapes: Sequence[Sequence[int]],
+    src: int = 0, load_format: str | None = None,
 ) -> list[tuple[str, torch.Tensor]]:
-    """Engine side of `/update_weights_from_distributed`: allocate, then receive each tensor from `src`."""
+    """Engine side of `/update_weights_from_distributed`: allocate, then receive from `src` each tensor
+    (load_format None) or each per-dtype buffer of `pack_by_dtype` ("flattened_bucket", returned as views)."""
     if not (len(names) == len(dtypes) == len(shapes)):
         raise ValueError(f"names, dtypes and shapes differ in length ({len(names)}, {len(dtypes)}, {len(shapes)})")
-    tensors = [torch.empty(tuple(int(d) for d in shape), dtype=dtype_from_name(dt), device=handle.device)
-               for dt, shape in zip(dtypes, shapes)]
+    torch_dtypes = [dtype_from_name(dt) for dt in dtypes]
+    if check_load_format(load_format) == FLATTENED_BUCKET:
+        buffers = [torch.empty(size, dtype=torch.uint8, device=handle.device)
+                   for *_, size in dtype_layout(torch_dtypes, shapes)]
+        broadcast_tensors(handle, buffers, src=src)
+        return unpack_by_dtype(buffers, names, torch_dtypes, shapes)
+    tensors = [torch.empty(tuple(int(d) for d in shape), dtype=dtype, device=handle.device)
+               for dtype, shape in zip(torch_dtypes, shapes)]
     broadcast_tensors(handle, tensors, src=src)
     return list(zip(names, tensors))
 

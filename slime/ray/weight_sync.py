@@ -10,7 +10,10 @@
   never). SGLang engines, and CPU buckets by default, get SGLang's per-tensor format (on CPU packing
   would cost a copy into the buffer plus one into shared memory on every sync).
 - distributed (disaggregated): trainer rank 0 and every engine rank form one group (NCCL on GPU,
-  gloo on CPU) once; per bucket rank 0 POSTs /update_weights_from_distributed and broadcasts.
+  gloo on CPU) once; per bucket rank 0 POSTs /update_weights_from_distributed (names, dtypes,
+  shapes) and broadcasts. The built-in engine gets load_format "flattened_bucket": the bucket is
+  packed into one buffer per dtype, so a bucket costs one collective per dtype, not one per tensor
+  (`flatten` False: per tensor here too). SGLang engines get one broadcast per tensor.
 - disk (--update-weight-transport disk): HF safetensors written once, engines POST /update_weights_from_disk.
 Generation is paused around the update. Every engine must then report the trainer's weight version
 (GET /get_weight_version), else the update fails loudly. `last_timings` holds the seconds the last
@@ -90,6 +93,7 @@ class WeightSync:
         self._pool = ThreadPoolExecutor(max_workers=16)
         # one keep-alive client: a fresh httpx client per request costs ~10-30 ms (TLS context, connect)
         self._http = httpx.Client(limits=httpx.Limits(max_connections=64, max_keepalive_connections=64))
+        # packed buckets are the built-in engine's "flattened_bucket" format; SGLang engines never get them
         self.flatten: bool | None = None if getattr(args, "rollout_backend", "builtin") == "builtin" else False
         self.last_timings: dict[str, float] = {}
 
@@ -242,19 +246,29 @@ class WeightSync:
         self._group_key = key
 
     def _update_by_broadcast(self, trainer: Any, engines: list[dict[str, Any]], version: int) -> None:
-        from slime.engine.weight_transport import broadcast_tensors, dtype_name
+        from slime.engine.weight_transport import FLATTENED_BUCKET, broadcast_tensors, dtype_name, pack_by_dtype
 
         if self.rank == 0:
             self._ensure_group(engines)
+        packed = self.flatten is not False  # the built-in engine (CPU buckets too: no shared-memory copy here)
         for bucket, is_last in self._timed_buckets(trainer):
             if self.rank != 0:
                 continue
             start = time.perf_counter()
-            tensors = [t.detach().to(self._group.device).contiguous() for _, t in bucket]
-            payload = {"names": [n for n, _ in bucket], "dtypes": [dtype_name(t.dtype) for t in tensors],
-                       "shapes": [list(t.shape) for t in tensors], "group_name": self._group_name,
-                       "flush_cache": is_last, "weight_version": str(version)}
-            futures = [self._pool.submit(self._post, f"{e['url']}/update_weights_from_distributed", payload) for e in engines]
+            payload: dict[str, Any] = {
+                "names": [n for n, _ in bucket], "dtypes": [dtype_name(t.dtype) for _, t in bucket],
+                "shapes": [list(t.shape) for _, t in bucket], "group_name": self._group_name,
+                "flush_cache": is_last, "weight_version": str(version)}
+            if packed:
+                payload["load_format"] = FLATTENED_BUCKET
+                tensors = pack_by_dtype(bucket, self._group.device)
+                bucket.clear()  # the buffers hold the bytes now; free the exported tensors early
+            else:
+                tensors = [t.detach().to(self._group.device).contiguous() for _, t in bucket]
+            self._add_time("pack_s", start)
+            start = time.perf_counter()
+            futures = [self._pool.submit(self._post, f"{e['url']}/update_weights_from_distributed", payload)
+                       for e in engines]
             broadcast_tensors(self._group, tensors, src=0)
             for f in futures:
                 f.result()
