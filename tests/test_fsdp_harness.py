@@ -29,7 +29,8 @@ TRAINER_DEFAULTS: dict[str, Any] = dict(
     rollout_temperature=1.0, advantage_estimator="grpo", loss_type="policy_loss", custom_loss_function_path=None,
     eps_clip=0.2, eps_clip_high=0.2, eps_clip_c=None, kl_coef=0.0, use_kl_loss=False, kl_loss_coef=0.0,
     kl_loss_type="low_var_kl", use_unbiased_kl=False, ref_load=None, ref_update_interval=None, entropy_coef=0.0, gamma=1.0, lambd=1.0,
-    normalize_advantages=False, use_rollout_logprobs=False, use_tis=False, get_mismatch_metrics=False,
+    normalize_advantages=False, use_rollout_logprobs=False, recompute_old_log_probs=False, use_tis=False,
+    get_mismatch_metrics=False,
     calculate_per_token_loss=False, load=None, save=None, save_interval=None, no_save_optim=False,
     no_load_optim=False, save_hf=None, start_rollout_id=None, update_weight_buffer_size=512 * 1024 ** 2,
 )

@@ -88,6 +88,8 @@ class FSDPTrainer:
         self.ref_shards: dict[str, torch.Tensor] | None = None
         self.offloaded = False
         self.nan_steps_in_a_row = 0
+        self._mismatch_sums: dict[str, Any] | None = None  # set while a skipped old-log-prob pass is measured
+        self._told_skip = False
 
     # ----------------------------------------------------------------- setup
     def init(self) -> int:
@@ -250,6 +252,7 @@ class FSDPTrainer:
         if _arg(args, "reset_optimizer_states", False):
             reset_optimizer_states(self.optimizer)
         rollout_metrics: dict[str, float] = {}
+        self._mismatch_sums = None
         if self.role == "critic":
             batch["values"] = self._values_of(batch)
         elif _arg(args, "advantage_estimator", "grpo") == "ppo" and "values" not in batch:
@@ -261,6 +264,13 @@ class FSDPTrainer:
             if "rollout_log_probs" not in batch:
                 raise ValueError("--use-rollout-logprobs needs rollout_log_probs in the rollout data")
             batch["log_probs"] = [x.clone() for x in batch["rollout_log_probs"]]
+        elif self._old_log_probs_are_current():
+            rollout_metrics["log_probs_time_s"] = 0.0  # the loss takes the training forward's own log-probs
+            self._mismatch_sums = {} if "rollout_log_probs" in batch else None
+            if not self._told_skip and self.rank == 0:
+                self._told_skip = True
+                logger.info("one optimizer step per rollout: old log-probs come from the training forward "
+                            "(no separate pass; --recompute-old-log-probs forces it)")
         else:
             log_prob_start = time.time()
             batch["log_probs"] = self._log_probs_of(batch)[0]  # host tensors: the device work is done
@@ -277,6 +287,9 @@ class FSDPTrainer:
 
         steps = split_into_steps(len(batch["tokens"]), steps_per_rollout(args))
         step_metrics = [self._train_step(_select(batch, indices)) for indices in steps]
+        if self._mismatch_sums is not None:
+            rollout_metrics.update(self._mismatch_metric_from_sums(self._mismatch_sums))
+            self._mismatch_sums = None
         ref_interval = _arg(args, "ref_update_interval", None)
         if self.ref_shards is not None and ref_interval and (rollout_id + 1) % int(ref_interval) == 0:
             self.ref_shards = snapshot_shards(self.model)  # --ref-update-interval: the reference follows the actor
@@ -289,14 +302,42 @@ class FSDPTrainer:
         out["train/weight_version"] = self.weight_version
         return out
 
+    def _old_log_probs_are_current(self) -> bool:
+        """Whether the separate old-log-prob forward can be skipped: it cannot change the update when the
+        rollout gets one optimizer step (the weights that would compute the old log-probs are the ones the
+        loss sees, so the PPO ratio is 1 either way), no --kl-coef shapes the reward with them, and no plugin
+        reads batch['log_probs']. The loss then uses its forward's own detached log-probs (as TRL does for
+        one iteration); --recompute-old-log-probs keeps the pass."""
+        args = self.args
+        if self.role != "actor" or _arg(args, "recompute_old_log_probs", False) or steps_per_rollout(args) != 1:
+            return False
+        if float(_arg(args, "kl_coef", 0.0) or 0.0) != 0.0 or _arg(args, "loss_type", "policy_loss") != "policy_loss":
+            return False
+        plugins = ("custom_advantage_function_path", "rollout_data_postprocess_path")
+        return not any(_arg(args, name, None) for name in plugins)
+
+    def _add_mismatch(self, lp: torch.Tensor, mb: dict[str, Any], row) -> None:
+        """Accumulate |train - rollout| log-prob over the loss tokens of a micro-batch (device tensors, no sync)."""
+        sums = self._mismatch_sums
+        lp = lp.detach().float()
+        per_sample = zip(lp.split(row.response_lengths), mb["rollout_log_probs"], mb["loss_masks"])
+        for sample_lp, rollout_lp, mask in per_sample:
+            mask = mask.to(sample_lp.dtype)
+            sums["diff"] = sums.get("diff", 0.0) + ((sample_lp - rollout_lp.to(sample_lp)).abs() * mask).sum()
+            sums["count"] = sums.get("count", 0.0) + mask.sum()
+
     def _mismatch_metric(self, batch: dict[str, Any]) -> dict[str, float]:
         """Masked mean |train log-prob - rollout log-prob| over all ranks' loss tokens."""
         diff, count = 0.0, 0.0
         for lp, rlp, mask in zip(batch["log_probs"], batch["rollout_log_probs"], batch["loss_masks"]):
             diff += float(((lp - rlp).abs() * mask).sum())
             count += float(mask.sum())
-        sums = all_reduce_sums({"diff": diff, "count": count}, self.device)
-        return {"train_rollout_logprob_abs_diff": sums["diff"] / max(sums["count"], 1.0)}
+        return self._mismatch_metric_from_sums({"diff": diff, "count": count})
+
+    def _mismatch_metric_from_sums(self, sums: dict[str, Any]) -> dict[str, float]:
+        local = {key: float(sums.get(key, 0.0)) for key in ("diff", "count")}
+        totals = all_reduce_sums(local, self.device)
+        return {"train_rollout_logprob_abs_diff": totals["diff"] / max(totals["count"], 1.0)}
 
     def _loss_of_micro_batch(self, mb: dict[str, Any], indices: list[int], row) -> tuple[torch.Tensor, dict]:
         args = self.args
@@ -328,6 +369,8 @@ class FSDPTrainer:
         entropy_grad = float(_arg(args, "entropy_coef", 0.0)) != 0.0
         lp, ent = self.model(row, self.temperature, int(_arg(args, "log_probs_chunk_size", -1)), True,
                              entropy_grad=entropy_grad)
+        if self._mismatch_sums is not None:
+            self._add_mismatch(lp, mb, row)
         return compute_rl_loss(args, mb, log_probs=list(lp.split(row.response_lengths)),
                                entropy=list(ent.split(row.response_lengths)))
 

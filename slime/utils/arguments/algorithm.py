@@ -45,6 +45,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="module.attr of fn(args, rollout_data) that fills advantages and returns.")
     group.add_argument("--use-rollout-logprobs", action="store_true", default=False,
                        help="Use the engine's log-probs as the old policy instead of recomputing them.")
+    group.add_argument("--recompute-old-log-probs", action="store_true", default=False,
+                       help="Always run the separate old-policy log-prob forward. By default it is skipped when it "
+                            "cannot change the update (one optimizer step per rollout, --kl-coef 0, no plugin "
+                            "reading log-probs): the loss then takes its own forward's detached log-probs.")
     group.add_argument("--get-mismatch-metrics", action="store_true", default=False,
                        help="Log train/rollout log-prob mismatch metrics (needs rollout log-probs).")
     group.add_argument("--reset-optimizer-states", action="store_true", default=False,
