@@ -82,3 +82,12 @@ def test_too_many_bundles_fail_clearly(two_node_cluster, monkeypatch):
     monkeypatch.setattr("slime.ray.placement.PLACEMENT_TIMEOUT_S", 3)
     with pytest.raises(ValueError, match="could not place 9 bundles"):
         create_placement(_args(actor_num_nodes=1, actor_num_gpus_per_node=5, rollout_num_gpus=4))
+
+
+def test_runtime_env_carries_the_trainer_switches_to_every_actor(monkeypatch):
+    from slime.ray.placement import runtime_env
+
+    monkeypatch.setenv("SLIME_FSDP_COMPILE", "layer")
+    monkeypatch.delenv("SLIME_FSDP_COMPILE_BACKEND", raising=False)
+    env = runtime_env()["env_vars"]
+    assert env["SLIME_FSDP_COMPILE"] == "layer" and "SLIME_FSDP_COMPILE_BACKEND" not in env
