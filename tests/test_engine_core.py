@@ -157,6 +157,18 @@ def test_weight_update_flushes_prefix_cache(qwen3_dir, tiny_model_dir, tmp_path)
     assert engine.generate([prompt], params)[0]["token_ids"] == fresh["token_ids"]
 
 
+def test_warmup_leaves_no_request_cache_or_random_state_behind(qwen3_dir):
+    prompt = list(range(10, 60))
+    unseeded = SamplingParams(temperature=1.0, max_new_tokens=8)
+    warmed = LLMEngine(EngineConfig(str(qwen3_dir), kv_cache_tokens=4096, block_size=8))
+    warmed.warmup()
+    assert not warmed.requests and not warmed.block_manager.free_cached  # nothing running, no prefix cached
+    assert warmed.block_manager.num_free_blocks == warmed.runner.num_blocks
+    fresh = LLMEngine(EngineConfig(str(qwen3_dir), kv_cache_tokens=4096, block_size=8))
+    # the engine's own generator (unseeded requests) is where a fresh engine's is
+    assert warmed.generate([prompt], unseeded)[0]["token_ids"] == fresh.generate([prompt], unseeded)[0]["token_ids"]
+
+
 def test_sharded_checkpoint_loads(qwen3_dir, tiny_model_dir, tmp_path):
     sharded = sharpened_checkpoint(tiny_model_dir, tmp_path / "sharded", seed=1, max_shard_size="40KB")
     assert (sharded / "model.safetensors.index.json").exists()

@@ -84,6 +84,9 @@ def test_bf16_graph_decode_equals_eager_and_survives_memory_release(real_shape_d
     for eager in (True, False):
         engine = LLMEngine(EngineConfig(str(real_shape_dir), device="cuda", dtype="bfloat16", kv_cache_tokens=8192,
                                         enforce_eager=eager, max_num_seqs=20))
+        if not eager:
+            engine.warmup()  # the server's start-up: graphs captured before the first request, nothing left behind
+            assert engine.runner.decode_graphs.captured and not engine.requests
         outputs[eager] = engine.generate(PROMPTS, params)
         if not eager:
             engine.release_memory(None)

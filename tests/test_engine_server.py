@@ -417,7 +417,9 @@ def test_flags_map_onto_engine_config(tiny_model_dir):
 
     args = parse_server_args(["--model-path", str(tiny_model_dir), "--max-running-requests", "8", "--page-size", "32",
                               "--max-total-tokens", "4096", "--chunked-prefill-size", "512", "--random-seed", "3",
-                              "--disable-cuda-graph", "--dtype", "bfloat16", "--device", "cpu"])
+                              "--disable-cuda-graph", "--dtype", "bfloat16", "--device", "cpu",
+                              "--skip-server-warmup"])
+    assert args.skip_server_warmup is True  # a server-start switch (GPU warm-up), not an engine setting
     assert engine_config_kwargs(args) == {
         "model_path": str(tiny_model_dir), "dtype": "bfloat16", "device": "cpu", "max_num_seqs": 8,
         "kv_cache_tokens": 4096, "max_num_batched_tokens": 512, "block_size": 32, "seed": 3, "enforce_eager": True,

@@ -188,6 +188,22 @@ class LLMEngine:
                         results[out.request_id]["finish_reason"] = out.finish_reason
         return [results[i] for i in ids]
 
+    def warmup(self) -> None:
+        """Run every GPU code path once before serving, as SGLang's server warm-up does: Triton kernels
+        compile and the decode CUDA graphs are captured here, not in the first rollout. Short prompts and a
+        long one (prefill), a repeat that hits the prefix cache (cached-context prefill), greedy and sampled
+        rows (both samplers), a few decode steps (graph capture on every tp rank). Leaves no cache behind."""
+        vocab = int(self.hf_config.vocab_size)
+        block = self.block_manager.block_size
+        longest = max(1, min(4 * block + 3, self.max_context_len - 8))
+        prompts = [[(7 + i) % vocab for i in range(n)] for n in (3, longest)]
+        greedy = SamplingParams(temperature=0.0, max_new_tokens=4, ignore_eos=True, seed=0)  # seeded: the engine's
+        # own generator (unseeded requests) is left where it was
+        sampled = SamplingParams(temperature=1.0, max_new_tokens=4, ignore_eos=True, seed=0)
+        self.generate(prompts, [greedy, sampled])
+        self.generate([prompts[1] + [11, 12]], sampled)  # the long prompt's blocks come from the prefix cache
+        self.block_manager.reset_prefix_cache()
+
     # ---- weights and caches ---------------------------------------------------------------------
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy HF-named full tensors (any subset, e.g. one bucket) in place; then forget the prefix cache."""

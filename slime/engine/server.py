@@ -521,6 +521,8 @@ def run_server(argv: list[str]) -> int:
         from slime.engine.llm_engine import LLMEngine
 
         engine = LLMEngine(config)
+        if config.device.startswith("cuda") and not args.skip_server_warmup:
+            engine.warmup()
         engine.scheduler.defer_prefills(args.prefill_wait_ratio, args.prefill_max_wait_steps)
         return engine
 

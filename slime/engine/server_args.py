@@ -29,6 +29,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--page-size", type=int, default=None, help="Tokens per KV-cache block.")
     parser.add_argument("--random-seed", type=int, default=None)
     parser.add_argument("--disable-cuda-graph", action="store_true")
+    parser.add_argument("--skip-server-warmup", action="store_true",
+                        help="GPU: do not compile the kernels and capture the decode graphs before serving "
+                             "(the first requests then pay for it).")
     parser.add_argument("--cuda-graph-max-bs", type=int, default=None, help="Accepted for SGLang compatibility.")
     parser.add_argument("--enable-memory-saver", action="store_true",
                         help="Accepted; release/resume of memory is always available.")
