@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
 # bash benchmarks/gpu_suite.sh OUT_DIR PART [SECONDS]    # PART 1|2 on a 2-GPU host, 4 on a 4-GPU host
 #
-# The GPU checks and benchmarks of issues 9 and 10, packed into calls of a 2-GPU machine, each within
-# SECONDS (default 540) of wall time; every JSON and log ends up in OUT_DIR/results_PART.tgz, a summary on stdout.
-#   PART 1  GPUs 0,1  tensor-parallel engine tests (tp=2 vs tp=1 on the real 0.6B shape), then the engine
-#                     throughput benchmark with --tp-size 2, then
-#           GPU 0     vs_trl (slime colocated = rl_step --mode colocated, then TRL GRPOTrainer), while
-#           GPU 1     weight_sync 0.6B (CUDA IPC, disk), then train_throughput 4B (eager vs per-layer compiled)
-#   PART 2  GPUs 0,1  rl_step --mode disaggregated (1 trainer + 1 engine, NCCL) from PART 1's SFT model,
-#                     weight_sync 0.6B and 4B disaggregated (NCCL), train_throughput 4B FSDP over 2 GPUs
-#   PART 3  GPU 0     weight_sync 4B colocated (CUDA IPC), while
-#           GPU 1     rl_step --mode colocated with SLIME_FSDP_COMPILE=layer and bigger micro-batches (RL_ARGS)
+# The GPU checks and benchmarks of issues 9 and 10 as three calls of a 2-GPU machine (and one of a 4-GPU one),
+# each within SECONDS (default 540) of wall time; every JSON and log ends up in OUT_DIR/results_PART.tgz, a summary
+# on stdout. Each part stands alone (a machine's /tmp does not outlive it).
+#   PART 1  GPU 0     vs_trl: slime colocated (rl_step, per-layer compiled training, 8k-token micro-batches,
+#                     chunked log-probs: FAST_ARGS) then TRL's GRPOTrainer, same SFT-warmed model, same GPU
+#           GPU 1     weight_sync 4B colocated (CUDA IPC), then rl_step colocated with the plain settings
+#                     (eager, 4k-token micro-batches) for the ablation
+#   PART 2  GPUs 0,1  tensor-parallel engine tests (tp=2 vs tp=1, 0.6B shape) and the GPU engine tests, engine
+#                     throughput with --tp-size 2, weight_sync 0.6B and 4B disaggregated (NCCL, flattened
+#                     buckets vs one broadcast per tensor)
+#   PART 3  GPUs 0,1  rl_step --mode disaggregated (1 trainer + 1 engine, NCCL), then train_throughput 4B with
+#                     FSDP over 2 GPUs (eager vs per-layer compiled)
 #   PART 4  (4 GPUs)  train_throughput 4B FSDP over 4 GPUs (eager vs per-layer compiled), rl_step --mode fsdp4
 # Jobs run under timeouts that leave time to pack the results; each Ray user starts its own instance.
 # Ray, fastapi, uvicorn, trl, ... must be importable (docs/gpu_runs.md: how to carry them as wheels).
@@ -37,49 +39,41 @@ job() {
 MODELS=/tmp/suite_models
 mkdir -p $MODELS
 
+FAST_ARGS=${FAST_ARGS:---max-tokens-per-gpu 8192 --extra-args=--log-probs-chunk-size=4096}
 if [ "$PART" = 1 ]; then
-  job tp_tests 0,1 "${AFTER_TP:-420}" python -m pytest -v -x -o faulthandler_timeout=100 tests/test_engine_tp_gpu.py \
-      tests/test_fsdp_packed_attention.py
-  python tools/make_tiny_model.py --preset qwen3-0.6b --output $MODELS/q06 --dtype bfloat16 --device cuda \
-      > "$RES/make_q06.log" 2>&1
-  job engine_tp2 0,1 "${AFTER_TP2:-330}" python benchmarks/engine_throughput.py --model $MODELS/q06 --tp-size 2 \
-      --hf-num-seqs 0 --output $RES/engine_throughput_tp2.json
   (
-    job vs_trl 0 20 python benchmarks/vs_trl.py --workdir /tmp/vs --num-steps "${VS_TRL_STEPS:-16}" --trl-max-seconds "${TRL_MAX_SECONDS:-150}" ${VS_TRL_ARGS:-} \
-        --out $RES/vs_trl.json --slime-out $RES/rl_step_colocated.json
+    SLIME_FSDP_COMPILE=${FAST_COMPILE:-layer} job vs_trl 0 20 python benchmarks/vs_trl.py --workdir /tmp/vs \
+        --num-steps "${VS_TRL_STEPS:-16}" --trl-max-seconds "${TRL_MAX_SECONDS:-120}" --rl-step-args "$FAST_ARGS" \
+        --out $RES/vs_trl.json --slime-out $RES/rl_step_colocated_fast.json
   ) &
   (
-    [ -n "${SKIP_WS:-}" ] || job weight_sync 1 330 python benchmarks/weight_sync.py --presets qwen3-0.6b --modes colocated,colocated_direct,disk \
-        --disk-reps 2 --trainer-gpu 0 --engine-gpu 0 --model-dir $MODELS/ws --out $RES/weight_sync_qwen3-0.6b_ipc.json
-    job train_4b 1 20 python benchmarks/train_throughput.py --presets qwen3-4b --variants eager,layer --no-baseline \
-        --model-dir $MODELS/train --out $RES/train_throughput_qwen3-4b_1gpu.json
+    job weight_sync_4b 1 330 python benchmarks/weight_sync.py --presets qwen3-4b --modes colocated,colocated_direct \
+        --trainer-gpu 0 --engine-gpu 0 --model-dir $MODELS/ws --out $RES/weight_sync_qwen3-4b_ipc.json
+    job rl_plain 1 20 python benchmarks/rl_step.py --mode colocated --workdir /tmp/rl1 --num-steps "${RL_STEPS:-10}" \
+        --out $RES/rl_step_colocated_plain.json
   ) &
   wait
+elif [ "$PART" = 2 ]; then
+  job gpu_tests 0,1 "${AFTER_TESTS:-400}" python -m pytest -v -x -o faulthandler_timeout=100 \
+      tests/test_engine_tp_gpu.py tests/test_engine_gpu.py tests/test_fsdp_packed_attention.py
+  python tools/make_tiny_model.py --preset qwen3-0.6b --output $MODELS/q06 --dtype bfloat16 --device cuda \
+      > "$RES/make_q06.log" 2>&1
+  job engine_tp2 0,1 250 python benchmarks/engine_throughput.py --model $MODELS/q06 --tp-size 2 \
+      --hf-num-seqs 0 --output $RES/engine_throughput_tp2.json
+  job weight_sync 0,1 20 python benchmarks/weight_sync.py --presets qwen3-0.6b,qwen3-4b \
+      --modes disaggregated,disaggregated_direct --engine-gpu 1 --model-dir $MODELS/ws --out $RES/weight_sync_nccl.json
+elif [ "$PART" = 3 ]; then
+  job rl_disagg 0,1 200 python benchmarks/rl_step.py --mode disaggregated --workdir /tmp/rl2 \
+      --num-steps "${RL_STEPS:-8}" --out $RES/rl_step_disaggregated.json
+  job train_4b_x2 0,1 20 python benchmarks/train_throughput.py --presets qwen3-4b --num-gpus 2 \
+      --variants eager,layer --no-baseline --model-dir $MODELS/train --out $RES/train_throughput_qwen3-4b_2gpu.json
 elif [ "$PART" = 4 ]; then  # a 4-GPU host: the FSDP-over-4 numbers
   job train_4b_x4 0,1,2,3 200 python benchmarks/train_throughput.py --presets qwen3-4b --num-gpus 4 \
       --variants eager,layer --no-baseline --model-dir $MODELS/train --out $RES/train_throughput_qwen3-4b_4gpu.json
   job rl_fsdp4 0,1,2,3 20 python benchmarks/rl_step.py --mode fsdp4 --workdir /tmp/rl4 --num-steps "${RL_STEPS:-8}" \
       --sft-steps 60 --out $RES/rl_step_fsdp4.json
-elif [ "$PART" = 3 ]; then  # the 4B colocated sync and a faster-training variant of the colocated RL step
-  (
-    job weight_sync_4b 0 20 python benchmarks/weight_sync.py --presets qwen3-4b --modes colocated \
-        --trainer-gpu 0 --engine-gpu 0 --model-dir $MODELS/ws --out $RES/weight_sync_qwen3-4b_ipc.json
-  ) &
-  (
-    SFT=(); [ -f /tmp/vs/slime/sft_model/config.json ] && SFT=(--sft-model /tmp/vs/slime/sft_model)
-    SLIME_FSDP_COMPILE=layer job rl_fast 1 20 python benchmarks/rl_step.py --mode colocated "${SFT[@]}" \
-        --workdir /tmp/rl3 --num-steps "${RL_STEPS:-12}" ${RL_ARGS:---max-tokens-per-gpu 8192} \
-        --out $RES/rl_step_colocated_layer.json
-  ) &
-  wait
 else
-  SFT=(); [ -f /tmp/vs/slime/sft_model/config.json ] && SFT=(--sft-model /tmp/vs/slime/sft_model)
-  job rl_disagg 0,1 150 python benchmarks/rl_step.py --mode disaggregated "${SFT[@]}" \
-      --workdir /tmp/rl2 --num-steps "${RL_STEPS:-8}" --out $RES/rl_step_disaggregated.json
-  job weight_sync 0,1 200 python benchmarks/weight_sync.py --presets qwen3-0.6b,qwen3-4b --modes disaggregated,disaggregated_direct \
-      --engine-gpu 1 --model-dir $MODELS/ws --out $RES/weight_sync_nccl.json
-  job train_4b_x2 0,1 20 python benchmarks/train_throughput.py --presets qwen3-4b --num-gpus 2 \
-      --variants eager,layer --no-baseline --model-dir $MODELS/train --out $RES/train_throughput_qwen3-4b_2gpu.json
+  echo "PART must be 1, 2, 3 or 4" >&2; exit 2
 fi
 nvidia-smi --query-gpu=name,memory.used --format=csv >> "$RES/suite.log" 2>&1
 tar czf "$OUT/results_$PART.tgz" -C "$RES" . && cp "$RES/suite.log" "$OUT/suite_$PART.log"
