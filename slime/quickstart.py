@@ -6,8 +6,10 @@
 Steps, each through the real code paths (`slime.train_loop.run`, Ray, FSDP trainer, built-in engine):
 1. a `small` (~0.9M parameters) Qwen3-shaped checkpoint with random weights (`tools/make_tiny_model.py`);
 2. the synthetic arithmetic task (`slime.data.synthetic`): RL train prompts, held-out test prompts, and
-   SFT conversations over the train problems. SFT asks "3+4=", RL and the held-out set ask "3 + 4 =":
-   SFT teaches the sums, GRPO (exact-answer reward) has to carry them over to the new phrasing;
+   SFT conversations over every problem (`--sft-from all`). SFT asks "3+4=", RL and the held-out set ask
+   "3 + 4 =": SFT teaches the sums, GRPO (exact-answer reward) on the train problems teaches the new
+   phrasing, and the held-out prompts measure how far it carries to sums RL never saw. (With
+   `--sft-from train` the held-out sums are unseen in any phrasing; a ~1M model then gains little.)
 3. SFT warm-up (`--loss-type sft_loss`, the SFT rollout function, no engine), saved as an HF checkpoint;
 4. GRPO from that checkpoint, colocated, with greedy accuracy (top-k 1) on the held-out prompts measured
    before the first RL step and after the last one.
@@ -54,7 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ops", default="+")
     g.add_argument("--n-train", type=int, default=70, help="RL train prompts")
     g.add_argument("--n-test", type=int, default=30, help="held-out prompts for greedy accuracy")
-    g.add_argument("--n-sft", type=int, default=None, help="SFT conversations (drawn from the train prompts; default all)")
+    g.add_argument("--n-sft", type=int, default=None,
+                   help="SFT conversations (drawn from --sft-from; default one each)")
+    g.add_argument("--sft-from", choices=["train", "all"], default="all",
+                   help="problems the SFT conversations cover: the RL train ones, or the held-out ones too")
     g.add_argument("--sft-prompt-format", default="{a}{op}{b}=", help="how SFT conversations ask the question")
     g.add_argument("--rl-prompt-format", default="{a} {op} {b} =",
                    help="how RL and held-out prompts ask it (SFT never sees this phrasing)")
@@ -67,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rollout-batch-size", type=int, default=16)
     g.add_argument("--n-samples-per-prompt", type=int, default=8)
     g.add_argument("--num-steps-per-rollout", type=int, default=1)
-    g.add_argument("--lr", type=float, default=2e-4)
+    g.add_argument("--lr", type=float, default=1e-4)
     g.add_argument("--rollout-temperature", type=float, default=0.7)
     g.add_argument("--eval-interval", type=int, default=10)
     p.add_argument("--extra-rl-args", default="", help="more train.py flags for the GRPO run, one string")
@@ -127,9 +132,10 @@ def run_quickstart(q: argparse.Namespace) -> dict[str, Any]:
     for stale in (out / "metrics.jsonl", out / "sft" / "metrics.jsonl"):
         stale.unlink(missing_ok=True)
     base_model = _tiny_model_tool().make_model(q.preset, out / "base_model", seed=q.seed)
-    task = dict(n_train=q.n_train, n_test=q.n_test, seed=q.seed, max_operand=q.max_operand, ops=tuple(q.ops), n_sft=q.n_sft)
+    task = dict(n_train=q.n_train, n_test=q.n_test, seed=q.seed, max_operand=q.max_operand, ops=tuple(q.ops),
+                n_sft=q.n_sft, sft_from=q.sft_from)
     data = make_arithmetic_dataset(out / "data", prompt_format=q.rl_prompt_format, **task)
-    # same seed, same problems: SFT sees the train problems only, possibly phrased differently
+    # same seed, same problems: the SFT conversations, phrased with --sft-prompt-format
     data["sft"] = make_arithmetic_dataset(out / "data_sft", prompt_format=q.sft_prompt_format, **task)["sft"]
     started_ray = False
     if not ray.is_initialized():
@@ -155,6 +161,7 @@ def run_quickstart(q: argparse.Namespace) -> dict[str, Any]:
         "sft_final_loss": sft.last_metrics.get("train/loss"),
         "preset": q.preset,
         "task": {"max_operand": q.max_operand, "ops": q.ops, "n_train": q.n_train, "n_test": q.n_test,
+                 "sft_from": q.sft_from,
                  "sft_prompt_format": q.sft_prompt_format, "rl_prompt_format": q.rl_prompt_format},
     }
     summary["accuracy_gain"] = summary["accuracy_after_rl"] - summary["accuracy_after_sft"]

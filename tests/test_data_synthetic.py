@@ -76,6 +76,17 @@ def test_seeded_and_configurable(tmp_path):
         make_arithmetic_dataset(tmp_path / "x", n_train=5, n_test=5, prompt_format="{a}{op}")
 
 
+def test_sft_from_all_covers_the_test_problems_too(tmp_path):
+    paths = make_arithmetic_dataset(tmp_path, n_train=20, n_test=6, seed=5, max_operand=9, ops="+", sft_from="all")
+    questions = {name: [r["messages"][0]["content"] for r in read_jsonl(paths[name])]
+                 for name in ("train", "test", "sft")}
+    assert sorted(questions["sft"]) == sorted(questions["train"] + questions["test"])  # one conversation per problem
+    train_only = make_arithmetic_dataset(tmp_path / "t", n_train=20, n_test=6, seed=5, max_operand=9, ops="+")
+    assert not {r["messages"][0]["content"] for r in read_jsonl(train_only["sft"])} & set(questions["test"])
+    with pytest.raises(ValueError, match="--sft-from"):
+        make_arithmetic_dataset(tmp_path / "bad", n_train=2, n_test=1, sft_from="test")
+
+
 def test_loads_as_rl_prompts_and_reward_checks_exact_answer(tmp_path, tiny_model_dir):
     paths = make_arithmetic_dataset(tmp_path, n_train=30, n_test=10, seed=0)
     tokenizer = load_tokenizer(str(tiny_model_dir))

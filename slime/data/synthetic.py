@@ -5,7 +5,8 @@
 Writes three files under the output folder:
 - `train.jsonl`, `test.jsonl`: `{"messages": [{"role": "user", "content": "12+7="}], "label": "19"}`
   (RL: `--input-key messages --label-key label --apply-chat-template`); train and test prompts are disjoint.
-- `sft.jsonl`: `{"messages": [user, {"role": "assistant", "content": "19"}]}` over the train prompts.
+- `sft.jsonl`: `{"messages": [user, {"role": "assistant", "content": "19"}]}` over the train prompts
+  (`--sft-from all`: the test prompts too).
 With `--answer-style short` (default) the SFT answer is the bare integer. `--answer-style worked` writes
 the steps first (`3+4=` -> `3 + 4: 4, 5, 6, 7. Answer: 7`; counting down for `-`, repeated addition for
 `*`), so responses run to tens or hundreds of tokens, as in real reasoning RL.
@@ -78,12 +79,17 @@ def make_arithmetic_dataset(
     prompt_format: str = DEFAULT_PROMPT_FORMAT,
     n_sft: int | None = None,
     answer_style: str = "short",
+    sft_from: str = "train",
 ) -> dict[str, Path]:
     """Write train/test/sft jsonl files; returns their paths keyed "train", "test", "sft".
 
     Problems are drawn without replacement, so train and test prompts never overlap. `n_sft`
-    (default: all train problems) SFT conversations reuse train problems, cycling when larger.
+    (default: one per problem) SFT conversations reuse the train problems (`sft_from="train"`) or the
+    train and test problems (`"all"`: SFT then knows every sum, and the test set measures how far a
+    new prompt phrasing learned in RL carries over to problems RL never saw), cycling when larger.
     """
+    if sft_from not in ("train", "all"):
+        raise ValueError(f"--sft-from {sft_from!r}: choose train or all")
     if n_train <= 0 or n_test < 0:
         raise ValueError(f"--n-train must be > 0 and --n-test >= 0, got {n_train} and {n_test}")
     if answer_style not in ANSWER_STYLES:
@@ -98,10 +104,11 @@ def make_arithmetic_dataset(
     rng = random.Random(seed)
     chosen = rng.sample(problems, n_train + n_test)
     train, test = chosen[:n_train], chosen[n_train:]
-    n_sft = n_train if n_sft is None else n_sft
+    pool = train if sft_from == "train" else train + test
+    n_sft = len(pool) if n_sft is None else n_sft
     if n_sft < 0:
         raise ValueError(f"--n-sft must be >= 0, got {n_sft}")
-    sft = [train[i % n_train] for i in range(n_sft)]
+    sft = [pool[i % len(pool)] for i in range(n_sft)]
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -154,7 +161,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", required=True, help="output folder")
     parser.add_argument("--n-train", type=int, default=2000)
     parser.add_argument("--n-test", type=int, default=200)
-    parser.add_argument("--n-sft", type=int, default=None, help="SFT conversations (default: one per train prompt)")
+    parser.add_argument("--n-sft", type=int, default=None, help="SFT conversations (default: one per --sft-from problem)")
+    parser.add_argument("--sft-from", choices=["train", "all"], default="train",
+                        help="problems the SFT conversations cover: train only, or train and test")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-operand", type=int, default=20)
     parser.add_argument("--ops", default="+-", help="operators to use, e.g. '+-*'")
@@ -167,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
         paths = make_arithmetic_dataset(
             args.output, n_train=args.n_train, n_test=args.n_test, seed=args.seed, max_operand=args.max_operand,
             ops=tuple(args.ops), allow_negative=args.allow_negative, prompt_format=args.prompt_format,
-            n_sft=args.n_sft, answer_style=args.answer_style)
+            n_sft=args.n_sft, answer_style=args.answer_style, sft_from=args.sft_from)
     except ValueError as e:
         parser.error(str(e))
     for name, path in paths.items():
