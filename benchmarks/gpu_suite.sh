@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# bash benchmarks/gpu_suite.sh OUT_DIR PART [SECONDS]    # PART 1|2 on a 2-GPU host, 4 on a 4-GPU host
+# bash benchmarks/gpu_suite.sh OUT_DIR PART [SECONDS]    # PART 1|2|3 on a 2-GPU host, 4 on a 4-GPU host
 #
 # The GPU checks and benchmarks of issues 9 and 10 as three calls of a 2-GPU machine (and one of a 4-GPU one),
 # each within SECONDS (default 540) of wall time; every JSON and log ends up in OUT_DIR/results_PART.tgz, a summary
 # on stdout. Each part stands alone (a machine's /tmp does not outlive it).
 #   PART 1  GPU 0     vs_trl: slime colocated (rl_step, per-layer compiled training, 8k-token micro-batches,
 #                     chunked log-probs: FAST_ARGS) then TRL's GRPOTrainer, same SFT-warmed model, same GPU
-#           GPU 1     weight_sync 4B colocated (CUDA IPC), then rl_step colocated with the plain settings
-#                     (eager, 4k-token micro-batches) for the ablation
+#           GPU 1     server_overhead (per-sample and grouped /generate, 0.6B, the rollout's shape), weight_sync
+#                     4B colocated (CUDA IPC)
 #   PART 2  GPUs 0,1  tensor-parallel engine tests (tp=2 vs tp=1, 0.6B shape) and the GPU engine tests, engine
 #                     throughput with --tp-size 2, weight_sync 0.6B and 4B disaggregated (NCCL, flattened
 #                     buckets vs one broadcast per tensor)
@@ -47,10 +47,14 @@ if [ "$PART" = 1 ]; then
         --out $RES/vs_trl.json --slime-out $RES/rl_step_colocated_fast.json
   ) &
   (
-    job weight_sync_4b 1 330 python benchmarks/weight_sync.py --presets qwen3-4b --modes colocated,colocated_direct \
+    python tools/make_tiny_model.py --preset qwen3-0.6b --output $MODELS/q06 --dtype bfloat16 > "$RES/make_q06.log" 2>&1
+    for form in "" --grouped; do  # host overhead per engine step of the rollout's request shape, on the GPU
+      job "server_overhead${form:+_grouped}" 1 300 python benchmarks/server_overhead.py --device cuda --model $MODELS/q06 \
+          --num-prompts 32 --samples 8 --max-new-tokens 128 --mem-fraction-static 0.3 $form \
+          --out "$RES/server_overhead${form:+_grouped}.json"
+    done
+    job weight_sync_4b 1 20 python benchmarks/weight_sync.py --presets qwen3-4b --modes colocated,colocated_direct \
         --trainer-gpu 0 --engine-gpu 0 --model-dir $MODELS/ws --out $RES/weight_sync_qwen3-4b_ipc.json
-    job rl_plain 1 20 python benchmarks/rl_step.py --mode colocated --workdir /tmp/rl1 --num-steps "${RL_STEPS:-10}" \
-        --out $RES/rl_step_colocated_plain.json
   ) &
   wait
 elif [ "$PART" = 2 ]; then
