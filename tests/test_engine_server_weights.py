@@ -243,6 +243,38 @@ def test_weight_sync_broadcasts_flattened_buckets_to_the_builtin_engine(server, 
     assert got["version"] == "7" and got["ids"] == expected["ids"] and got["logprobs"] == expected["logprobs"]
 
 
+def test_an_engine_refusing_a_bucket_ends_the_broadcast_with_its_message(server, seeds, mixed):
+    """Rank 0 does not wait out the group timeout (300 s) for an engine that answered 400; the next update works."""
+    import time
+
+    from slime.ray.weight_sync import WeightSync
+
+    dirs, _ = seeds
+    path, named = mixed
+    expected = expected_from_disk(server, path, dirs[0])
+    args = SimpleNamespace(rollout_backend="builtin", update_weight_buffer_size=20_000, colocate=False)
+    sync = WeightSync(args, rank=0, mode="distributed")
+    plain_post = sync._post
+
+    def misaddressed_post(url, payload, timeout=600.0):
+        if url.endswith("/update_weights_from_distributed"):
+            payload = dict(payload, group_name="no-such-group")  # the engine refuses before receiving
+        return plain_post(url, payload, timeout)
+
+    sync._post = misaddressed_post
+    try:
+        started = time.monotonic()
+        with pytest.raises(RuntimeError, match="refused the bucket.*no-such-group"):
+            sync.update(BucketTrainer(named, 3), [{"url": server.url, "tp_size": 1}])
+        assert time.monotonic() - started < 60
+        sync._post = plain_post
+        assert sync.update(BucketTrainer(named, 4), [{"url": server.url, "tp_size": 1}]) == 4
+    finally:
+        sync.close()
+    got = served(server)
+    assert got["version"] == "4" and got["ids"] == expected["ids"] and got["logprobs"] == expected["logprobs"]
+
+
 def test_update_with_unknown_tensor_name_fails_and_keeps_version(server, seeds):
     version = httpx.get(server.url + "/get_weight_version").json()["weight_version"]
     payload = serialize_named_tensors([("model.no_such.weight", torch.zeros(2, 2))])

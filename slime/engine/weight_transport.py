@@ -29,9 +29,10 @@ from __future__ import annotations
 
 import base64
 import pickle
+import time
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -278,14 +279,34 @@ def init_weights_update_group(
     return WeightUpdateGroup(group_name, rank, world_size, backend, device, process_group, store)
 
 
-def broadcast_tensors(handle: WeightUpdateGroup, tensors: Iterable[torch.Tensor], src: int = 0) -> None:
-    """Broadcast each tensor in order from `src`; receivers pass pre-allocated tensors that are filled in place."""
+class BroadcastAborted(RuntimeError):
+    """`broadcast_tensors` stopped waiting because `abort_reason` named a reason (a peer will never join)."""
+
+
+def broadcast_tensors(handle: WeightUpdateGroup, tensors: Iterable[torch.Tensor], src: int = 0,
+                      abort_reason: Callable[[], str | None] | None = None) -> None:
+    """Broadcast each tensor in order from `src`; receivers pass pre-allocated tensors that are filled in place.
+
+    With `abort_reason`, the sender polls it while the broadcasts are in flight and raises BroadcastAborted
+    with its answer instead of waiting out the group timeout for a peer that refused to join; the group is
+    then unusable (`destroy` it, or keep a reference: a gloo group still holds the pending work)."""
+    works = []
     for tensor in tensors:
         if tensor.device != handle.device:
             raise ValueError(f"tensor on {tensor.device} cannot travel over a {handle.backend} group on {handle.device}")
         work = handle.process_group.broadcast([tensor if tensor.is_contiguous() else tensor.contiguous()],
                                               _broadcast_options(src))
-        work.wait()
+        if abort_reason is None:
+            work.wait()
+        else:
+            works.append(work)
+    while works and not all(work.is_completed() for work in works):
+        reason = abort_reason()
+        if reason is not None:
+            raise BroadcastAborted(reason)
+        time.sleep(0.001)
+    for work in works:
+        work.wait()  # raises what a completed work failed with
 
 
 def check_load_format(load_format: str | None) -> str | None:

@@ -71,6 +71,14 @@ def check_engine_versions(urls: list[str], version: int) -> None:
         raise RuntimeError(f"weight sync: engines report versions {wrong}, the trainer is at {version}")
 
 
+def _first_failure(futures: list[Future]) -> str | None:
+    """The error of the first finished request that failed, else None."""
+    for future in futures:
+        if future.done() and future.exception() is not None:
+            return str(future.exception())
+    return None
+
+
 def engine_weight_version(url: str) -> str:
     r = httpx.get(f"{url}/get_weight_version", timeout=60)
     r.raise_for_status()
@@ -90,6 +98,7 @@ class WeightSync:
         self._group_engines: tuple[str, ...] = ()
         self._group_key: tuple[tuple[str, int], ...] = ()
         self._group_name = f"slime_weights_{os.getpid()}"
+        self._abandoned: list[Any] = []  # groups left mid-broadcast (see _abandon_group)
         self._pool = ThreadPoolExecutor(max_workers=16)
         # one keep-alive client: a fresh httpx client per request costs ~10-30 ms (TLS context, connect)
         self._http = httpx.Client(limits=httpx.Limits(max_connections=64, max_keepalive_connections=64))
@@ -246,7 +255,13 @@ class WeightSync:
         self._group_key = key
 
     def _update_by_broadcast(self, trainer: Any, engines: list[dict[str, Any]], version: int) -> None:
-        from slime.engine.weight_transport import FLATTENED_BUCKET, broadcast_tensors, dtype_name, pack_by_dtype
+        from slime.engine.weight_transport import (
+            FLATTENED_BUCKET,
+            BroadcastAborted,
+            broadcast_tensors,
+            dtype_name,
+            pack_by_dtype,
+        )
 
         if self.rank == 0:
             self._ensure_group(engines)
@@ -269,10 +284,29 @@ class WeightSync:
             start = time.perf_counter()
             futures = [self._pool.submit(self._post, f"{e['url']}/update_weights_from_distributed", payload)
                        for e in engines]
-            broadcast_tensors(self._group, tensors, src=0)
+            try:
+                broadcast_tensors(self._group, tensors, src=0, abort_reason=lambda: _first_failure(futures))
+            except BroadcastAborted as e:
+                self._abandon_group()
+                raise RuntimeError(f"weight sync: an engine refused the bucket, so the broadcast was abandoned "
+                                   f"(the next update forms a new group): {e}") from None
             for f in futures:
                 f.result()
             self._add_time("engine_s", start)
+
+    def _abandon_group(self) -> None:
+        """Forget a group whose broadcast a peer never joined. Our side is not shut down (a gloo group would
+        wait on the pending send); it is kept referenced until close. The engines are asked to leave."""
+        self._abandoned.append(self._group)
+        for url in self._group_engines:
+            try:
+                self._post(f"{url}/destroy_weights_update_group", {"group_name": self._group_name}, timeout=10)
+            except Exception as e:  # an engine still inside the broadcast answers after its own timeout
+                logger.warning("destroy_weights_update_group on %s failed: %s", url, e)
+        self._group = None
+        self._group_engines = ()
+        self._group_key = ()
+        self._group_name = f"slime_weights_{os.getpid()}_{len(self._abandoned)}"  # in case an engine kept the old
 
     def _destroy_group(self) -> None:
         if self._group is None:
