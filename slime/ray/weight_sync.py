@@ -295,9 +295,15 @@ class WeightSync:
             self._add_time("engine_s", start)
 
     def _abandon_group(self) -> None:
-        """Forget a group whose broadcast a peer never joined. Our side is not shut down (a gloo group would
-        wait on the pending send); it is kept referenced until close. The engines are asked to leave."""
-        self._abandoned.append(self._group)
+        """Forget a group whose broadcast a peer never joined. NCCL: aborted (local). Gloo: not shut down (it
+        would wait on the pending send), kept referenced instead. The engines are asked to leave."""
+        group = self._group
+        if getattr(group, "backend", None) == "nccl":
+            try:
+                group.process_group.abort()  # local: frees the stream the pending broadcast holds
+            except Exception as e:  # noqa: BLE001 - best effort; the run is failing anyway
+                logger.warning("aborting the weight update group failed: %s", e)
+        self._abandoned.append(group)
         for url in self._group_engines:
             try:
                 self._post(f"{url}/destroy_weights_update_group", {"group_name": self._group_name}, timeout=10)
