@@ -11,8 +11,8 @@ Steps, each through the real code paths (`slime.train_loop.run`, Ray, FSDP train
    phrasing, and the held-out prompts measure how far it carries to sums RL never saw. (With
    `--sft-from train` the held-out sums are unseen in any phrasing; a ~1M model then gains little.)
 3. SFT warm-up (`--loss-type sft_loss`, the SFT rollout function, no engine), saved as an HF checkpoint;
-4. GRPO from that checkpoint, colocated, with greedy accuracy (top-k 1) on the held-out prompts measured
-   before the first RL step and after the last one.
+4. GRPO from that checkpoint (with a small KL loss to it, `--kl-loss-coef`), colocated, with greedy accuracy
+   (top-k 1) on the held-out prompts measured before the first RL step and after the last one.
 Writes into --output: `metrics.jsonl` (RL), `sft/metrics.jsonl`, `reward_curve.png`, `summary.json`
 (`accuracy_after_sft`, `accuracy_after_rl`, `wall_seconds`, ...), the models and the data.
 """
@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--n-samples-per-prompt", type=int, default=8)
     g.add_argument("--num-steps-per-rollout", type=int, default=1)
     g.add_argument("--lr", type=float, default=1e-4)
+    g.add_argument("--kl-loss-coef", type=float, default=0.02,
+                   help="KL loss against the SFT model (--use-kl-loss); 0 turns it off")
     g.add_argument("--rollout-temperature", type=float, default=0.7)
     g.add_argument("--eval-interval", type=int, default=10)
     p.add_argument("--extra-rl-args", default="", help="more train.py flags for the GRPO run, one string")
@@ -109,7 +111,8 @@ def rl_argv(q: argparse.Namespace, sft_model: Path, data: dict[str, Path], out: 
         "--eval-prompt-data", EVAL_NAME, str(data["test"]), "--eval-interval", str(q.eval_interval),
         "--eval-top-k", "1", "--eval-max-response-len", "6",
         "--metrics-dir", str(out),
-    ] + q.extra_rl_args.split()
+    ] + (["--use-kl-loss", "--kl-loss-coef", str(q.kl_loss_coef)] if q.kl_loss_coef > 0 else []) \
+      + q.extra_rl_args.split()
 
 
 def _accuracy(evals: dict[int, dict[str, float]], step: int) -> float:
