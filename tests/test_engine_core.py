@@ -164,6 +164,9 @@ def test_warmup_leaves_no_request_cache_or_random_state_behind(qwen3_dir):
     warmed.warmup()
     assert not warmed.requests and not warmed.block_manager.free_cached  # nothing running, no prefix cached
     assert warmed.block_manager.num_free_blocks == warmed.runner.num_blocks
+    small = LLMEngine(EngineConfig(str(qwen3_dir), kv_cache_tokens=24, block_size=8))
+    small.warmup()  # its prompts are sized to the cache, whatever the model's context length
+    assert not small.requests
     fresh = LLMEngine(EngineConfig(str(qwen3_dir), kv_cache_tokens=4096, block_size=8))
     # the engine's own generator (unseeded requests) is where a fresh engine's is
     assert warmed.generate([prompt], unseeded)[0]["token_ids"] == fresh.generate([prompt], unseeded)[0]["token_ids"]

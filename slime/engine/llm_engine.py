@@ -195,7 +195,7 @@ class LLMEngine:
         rows (both samplers), a few decode steps (graph capture on every tp rank). Leaves no cache behind."""
         vocab = int(self.hf_config.vocab_size)
         block = self.block_manager.block_size
-        longest = max(1, min(4 * block + 3, self.max_context_len - 8))
+        longest = max(1, min(4 * block + 3, self.scheduler.max_seq_len - 8))  # fits the context and the cache
         prompts = [[(7 + i) % vocab for i in range(n)] for n in (3, longest)]
         greedy = SamplingParams(temperature=0.0, max_new_tokens=4, ignore_eos=True, seed=0)  # seeded: the engine's
         # own generator (unseeded requests) is left where it was
