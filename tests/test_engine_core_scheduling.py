@@ -235,3 +235,24 @@ def test_bad_requests_give_clear_errors(model_dir):
                        (dict(stop_token_ids=[-3]), "stop_token_ids")]:
         with pytest.raises(ValueError, match=field):
             SamplingParams(**bad)
+
+
+def test_quiet_requests_report_once_with_every_token_and_aborts_keep_theirs(model_dir):
+    params = SamplingParams(temperature=0.8, max_new_tokens=12, seed=3, ignore_eos=True)
+    loud = make_engine(model_dir).generate([PROMPTS[0]], params)[0]
+    engine = make_engine(model_dir)
+    engine.add_request("quiet", PROMPTS[0], params, quiet=True)
+    engine.add_request("cut", PROMPTS[1], SamplingParams(temperature=0.8, max_new_tokens=50, seed=4), quiet=True)
+    reports = []
+    while "quiet" in engine.requests:
+        reports += engine.step()
+    assert [r.request_id for r in reports] == ["quiet"]  # nothing per step, one report at the end
+    (done,) = reports
+    assert done.finished and done.token_ids == loud["token_ids"]  # seeded: the same tokens in any batch
+    assert done.logprobs == pytest.approx(loud["logprobs"], abs=1e-4)  # batched with "cut": float noise only
+    assert done.completion_tokens == 12
+    made = engine.requests["cut"].num_output_tokens
+    assert made > 0
+    engine.abort_request("cut")
+    (cut,) = engine.step()
+    assert cut.finish_reason["type"] == "abort" and len(cut.token_ids) == len(cut.logprobs) == made

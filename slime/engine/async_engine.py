@@ -9,7 +9,8 @@ Every call that touches the engine (add / abort / weight update / memory / flush
 to the engine thread and run between two `step()`s, so a weight update never lands in the middle of
 a forward pass. `pause()` stops stepping (in-flight requests wait), `resume()` continues. Each request
 gets a `RequestStream`; each step's outputs reach the event loop in one `call_soon_threadsafe`, and a
-stream added as `final_only` wakes its reader once, when it finishes.
+stream added as `final_only` wakes its reader once, when it finishes (its request is `quiet` in the engine:
+no per-step outputs are made or handed over for it, only the finished one with every token).
 """
 
 from __future__ import annotations
@@ -181,7 +182,10 @@ class AsyncEngine:
             added: list[str] = []
             try:
                 for request_id, prompt_ids, params in requests:
-                    engine.add_request(request_id, list(prompt_ids), params)
+                    if request_id in final_only:  # no per-step outputs to hand over: the engine reports it once
+                        engine.add_request(request_id, list(prompt_ids), params, quiet=True)
+                    else:
+                        engine.add_request(request_id, list(prompt_ids), params)
                     added.append(request_id)
             except BaseException:
                 for request_id in added:

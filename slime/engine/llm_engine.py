@@ -90,7 +90,10 @@ class LLMEngine:
         self.kv_cache_released = False
 
     # ---- requests -------------------------------------------------------------------------------
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    quiet: bool = False) -> None:
+        """Queue a request. `quiet`: `step()` reports it only when it finishes (or is aborted), then with all of
+        its output tokens and log-probs at once, not one TokenOutput per step."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         if self.kv_cache_released or self.runner.weights_offloaded:
@@ -112,6 +115,7 @@ class LLMEngine:
         seed = params.seed if params.seed is not None else int(
             torch.randint(0, 2**62, (1,), generator=self.generator).item())
         seq = Sequence(request_id, prompt_token_ids, params, sampling_seed=seed)
+        seq.quiet = quiet
         if params.max_new_tokens == 0:
             seq.status = SequenceStatus.FINISHED
             seq.finish_reason = {"type": "length", "length": 0}
@@ -163,10 +167,15 @@ class LLMEngine:
         for seq, token_id, logprob in zip(seqs, token_ids, logprobs):
             if seq.is_finished:
                 del self.requests[seq.request_id]
-            outputs.append(self._output(seq, [token_id], [logprob]))
+                outputs.append(self._output(seq, [token_id], [logprob]))
+            elif not seq.quiet:
+                outputs.append(self._output(seq, [token_id], [logprob]))
         return outputs
 
     def _output(self, seq: Sequence, token_ids: list[int], logprobs: list[float]) -> TokenOutput:
+        """This step's tokens; a quiet request's (finished) output carries all of them."""
+        if seq.quiet:
+            token_ids, logprobs = seq.output_token_ids, list(seq.output_logprobs)
         return TokenOutput(request_id=seq.request_id, token_ids=token_ids, logprobs=logprobs,
                            finished=seq.is_finished, finish_reason=seq.finish_reason if seq.is_finished else None,
                            prompt_tokens=seq.num_prompt_tokens, completion_tokens=seq.num_output_tokens,

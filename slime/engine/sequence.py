@@ -34,6 +34,7 @@ class Sequence:
         self.cached_tokens: int | None = None  # prompt tokens found in the prefix cache at first admission
         self.num_preemptions = 0
         self.finish_reason: dict[str, Any] | None = None
+        self.quiet = False  # reported once, when finished, with every output token (LLMEngine.add_request)
 
     def __len__(self) -> int:
         return len(self.token_ids)
