@@ -313,7 +313,7 @@ async def _generate_async(client: httpx.AsyncClient, server: ServerProcess, payl
 
 
 def test_pause_holds_requests_and_abort_ends_them(server):
-    long_params = {"max_new_tokens": 200, "ignore_eos": True}
+    long_params = {"max_new_tokens": 1000, "ignore_eos": True}
 
     async def scenario():
         async with httpx.AsyncClient() as client:
@@ -332,11 +332,15 @@ def test_pause_holds_requests_and_abort_ends_them(server):
             first = await tasks[0]
             assert first["meta_info"]["finish_reason"]["type"] == "abort"
             assert (await client.post(server.url + "/continue_generation", json={})).status_code == 200
-            await asyncio.sleep(0.2)
+            for _ in range(600):  # a few steps after the resume, far from the 1000 tokens
+                info = (await client.get(server.url + "/get_server_info")).json()["internal_states"][0]
+                if info["num_steps"] >= steps_before + 3:
+                    break
+                await asyncio.sleep(0.01)
             await client.post(server.url + "/abort_request", json={"abort_all": True})
             rest = await asyncio.gather(*tasks[1:])
             assert [r["meta_info"]["finish_reason"]["type"] for r in rest] == ["abort", "abort"]
-            assert all(len(r["output_ids"]) < 200 for r in rest)
+            assert all(0 < len(r["output_ids"]) < 1000 for r in rest)
 
     asyncio.run(scenario())
     assert generate(server, {"text": "after", "sampling_params": GREEDY})["meta_info"]["finish_reason"]

@@ -172,6 +172,29 @@ def test_group_holds_one_concurrency_slot_per_sample(monkeypatch):
     assert all(s.status == Sample.Status.TRUNCATED for g in results for s in g)
 
 
+def test_rollout_seed_gives_each_request_a_sampling_seed(fake_post):
+    from slime.rollout.generate import sampling_seed
+
+    args = fake_args(rollout_seed=42)
+    group = make_group([[1], [2], [3]])
+    for i, sample in enumerate(group):
+        sample.index = 10 + i
+    expected = sampling_seed(args, group[0])
+    run_group(args, group)
+    (body,) = fake_post.calls
+    assert body["sampling_params"]["sampling_seed"] == expected  # the server adds k for its k-th prompt
+    seeds = {sampling_seed(args, Sample(index=i)) for i in range(100)}
+    assert len(seeds) == 100 and all(0 <= s < 2**62 for s in seeds)
+    assert sampling_seed(fake_args(rollout_seed=43), Sample(index=10)) != expected
+    half_done = Sample(index=10, response_length=5)  # a partial-rollout continuation draws a fresh stream
+    assert sampling_seed(args, half_done) != expected
+    fake_post.calls.clear()
+    run_group(fake_args(rollout_seed=42), make_group([[1]]), dict(PARAMS, sampling_seed=7))  # the caller's wins
+    assert fake_post.calls[0]["sampling_params"]["sampling_seed"] == 7
+    assert sampling_seed(fake_args(rollout_seed=42, rollout_backend="sglang"), Sample(index=10)) is None
+    assert sampling_seed(fake_args(), Sample(index=10)) is None
+
+
 def test_the_flag_decides_and_custom_generate_stays_per_sample():
     group = make_group([[1]])
     assert group_requests_enabled(fake_args(), group)  # auto, builtin
@@ -214,11 +237,15 @@ def test_grouped_equals_per_sample_with_seeded_sampling(engine, tiny_model_dir):
         params = dict(base_sampling_params(args), sampling_seed=1234)
         prompts = ["1+1=", "Say hi.", "Name a color.", "7*6="]
         results = {}
-        for mode in ("off", "on"):
-            args.rollout_group_requests = mode
-            before = len(proxy.bodies)
-            results[mode] = run_group(args, [Sample(index=i, prompt=p) for i, p in enumerate(prompts)], params)
-            results[mode + "_requests"] = len(proxy.bodies) - before
+        args.rollout_group_requests = "off"  # one request per sample, seeded 1234 + i: what the batch's k-th gets
+        before = len(proxy.bodies)
+        results["off"] = [run_group(args, [Sample(index=i, prompt=p)], dict(params, sampling_seed=1234 + i))[0]
+                          for i, p in enumerate(prompts)]
+        results["off_requests"] = len(proxy.bodies) - before
+        args.rollout_group_requests = "on"
+        before = len(proxy.bodies)
+        results["on"] = run_group(args, [Sample(index=i, prompt=p) for i, p in enumerate(prompts)], params)
+        results["on_requests"] = len(proxy.bodies) - before
         assert results["off_requests"] == 4 and results["on_requests"] == 1
         for a, b in zip(results["off"], results["on"]):
             assert a.tokens == b.tokens and a.response == b.response and a.status == b.status
@@ -227,6 +254,20 @@ def test_grouped_equals_per_sample_with_seeded_sampling(engine, tiny_model_dir):
             assert a.weight_versions == b.weight_versions and b.reward is not None
     finally:
         proxy.close()
+
+
+@pytest.mark.parametrize("grouped", ["on", "off"])
+def test_the_same_rollout_seed_draws_the_same_samples(engine, tiny_model_dir, grouped):
+    def draw(rollout_seed: int) -> list[list[int]]:
+        args = rollout_args(tiny_model_dir, engine.port, rollout_max_response_len=12, rollout_temperature=1.0,
+                            rollout_group_requests=grouped, rollout_seed=rollout_seed)
+        group = [Sample(index=20 + i, group_index=5, prompt="Count to three.") for i in range(4)]
+        return [s.tokens for s in run_group(args, group, base_sampling_params(args))]
+
+    first, again, other = draw(42), draw(42), draw(7)
+    assert first == again  # whatever else the engine was doing meanwhile
+    assert len({tuple(t) for t in first}) > 1  # the group's samples differ from each other
+    assert first != other
 
 
 def test_engine_500_fails_the_group_with_one_request_per_attempt(engine, tiny_model_dir, tmp_path):

@@ -57,6 +57,13 @@ class RequestState:
             self.finish_reason = abort_reason if aborted and abort_reason is not None else out.finish_reason
 
 
+def _take_outputs(engine: Any, request_ids: list[str]) -> list[Any]:
+    """The aborted requests' final outputs, taken from the engine before the stream is closed (a quiet
+    request's tokens arrive only with it); engines without `take_outputs` report none."""
+    take = getattr(engine, "take_outputs", None)
+    return take(set(request_ids)) if take is not None else []
+
+
 class RequestStream:
     """Async iterator over a request's states; ends after the finished state."""
 
@@ -208,18 +215,32 @@ class AsyncEngine:
         stream = self._streams.get(request_id)
         if stream is None:
             return False
-        stream.abort_reason = finish_reason
-        await self.call(lambda engine: engine.abort_request(request_id))
-        self._finish_stream(stream, finish_reason or {"type": "abort", "message": "Abort requested"})
+        reason = finish_reason or {"type": "abort", "message": "Abort requested"}
+        stream.abort_reason = reason
+
+        def abort_in_engine(engine: Any) -> list[Any]:
+            engine.abort_request(request_id)
+            return _take_outputs(engine, [request_id])
+
+        self._dispatch(await self.call(abort_in_engine), self.weight_version)  # a quiet request's tokens so far
+        self._finish_stream(stream, reason)
         return True
 
     async def abort_all(self) -> list[str]:
         ids = list(self._streams)
-        await self.call(lambda engine: engine.abort_all())
+        reason = {"type": "abort", "message": "Abort all requested"}
+        for request_id in ids:
+            self._streams[request_id].abort_reason = self._streams[request_id].abort_reason or dict(reason)
+
+        def abort_in_engine(engine: Any) -> list[Any]:
+            engine.abort_all()
+            return _take_outputs(engine, ids)
+
+        self._dispatch(await self.call(abort_in_engine), self.weight_version)
         for request_id in ids:
             stream = self._streams.get(request_id)
             if stream is not None:
-                self._finish_stream(stream, {"type": "abort", "message": "Abort all requested"})
+                self._finish_stream(stream, dict(reason))
         return ids
 
     async def pause(self) -> None:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Iterable
+from typing import Any, Collection, Iterable
 
 import torch
 
@@ -132,6 +132,12 @@ class LLMEngine:
         self.scheduler.finish(seq, {"type": "abort", "message": "Abort request."})
         self.pending_outputs.append(self._output(seq, [], []))
         return True
+
+    def take_outputs(self, request_ids: Collection[str]) -> list[TokenOutput]:
+        """Remove and return the queued outputs (e.g. of just-aborted requests) of these ids, ahead of `step()`."""
+        taken = [out for out in self.pending_outputs if out.request_id in request_ids]
+        self.pending_outputs = [out for out in self.pending_outputs if out.request_id not in request_ids]
+        return taken
 
     def abort_all(self) -> list[str]:
         ids = list(self.requests)

@@ -7,7 +7,9 @@
 Field names follow SGLang's GenerateReqInput / SamplingParams. Sampling parameters the built-in engine
 cannot honour are rejected when set to a non-neutral value; unknown names are rejected outright, so a
 typo never silently changes generation. A null value counts as absent (`sglang-router` re-serialises
-requests with nulls for the fields it models).
+requests with nulls for the fields it models). `sampling_seed` s gives the k-th sequence of the request
+(over its prompts, then `n`) the seed s + k, so a batch of equal prompts still draws distinct samples
+(SGLang gives every prompt of a batch the same seed).
 """
 
 from __future__ import annotations
@@ -244,7 +246,7 @@ def parse_generate_request(
                 engine_params=dict(
                     temperature=params["temperature"], top_p=params["top_p"], top_k=params["top_k"],
                     min_p=params["min_p"], max_new_tokens=max_new, stop_token_ids=params["stop_token_ids"],
-                    ignore_eos=params["ignore_eos"], seed=None if seed is None else seed + j,
+                    ignore_eos=params["ignore_eos"], seed=None if seed is None else seed + len(items),
                     min_new_tokens=params["min_new_tokens"],
                 ),
                 stop=params["stop"],

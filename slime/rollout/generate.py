@@ -7,10 +7,14 @@ POSTs `{"input_ids", "sampling_params", "return_logprob": true}` to
 sample: tokens, response, response_length, loss_mask (1 per generated token), rollout_log_probs,
 weight_versions and status (stop -> COMPLETED, length -> TRUNCATED, abort -> ABORTED). A sample
 that was ABORTED half-way (partial rollout) is continued from its tokens with the remaining budget.
+For the built-in engine the request carries a `sampling_seed` derived from `--rollout-seed`, the sample's
+index and its response length so far (`sampling_seed`): the engine's seeded sampling does not depend on
+what else is in the batch, so a rerun draws the same samples whatever the request timing.
 """
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 from slime.utils.http_utils import post
@@ -143,9 +147,29 @@ def generate_max_retries(args) -> int:
     return getattr(args, "rollout_max_retries", None) or DEFAULT_GENERATE_MAX_RETRIES
 
 
+def sampling_seed(args, sample: Sample) -> int | None:
+    """The sample's `sampling_seed` (room left for the +j the server adds to the j-th prompt of a batch), or None:
+    without --rollout-seed, or for SGLang engines (they take sampling_seed only with deterministic inference)."""
+    seed = getattr(args, "rollout_seed", None)
+    if seed is None or (getattr(args, "rollout_backend", None) or "builtin") != "builtin" \
+            or getattr(args, "rollout_external_engine_addrs", None):
+        return None
+    key = f"{seed}:{sample.index}:{sample.response_length}".encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 2
+
+
+def with_sampling_seed(args, sample: Sample, payload: dict[str, Any]) -> dict[str, Any]:
+    """`payload` with the sample's sampling_seed in its sampling params (unless they already name one)."""
+    seed = sampling_seed(args, sample)
+    if seed is not None and payload["sampling_params"].get("sampling_seed") is None:
+        payload = dict(payload, sampling_params=dict(payload["sampling_params"], sampling_seed=seed))
+    return payload
+
+
 async def generate(args, sample: Sample, sampling_params: dict[str, Any]) -> Sample:
     payload = generate_payload(args, sample, sampling_params)
     if payload is None:
         return sample
+    payload = with_sampling_seed(args, sample, payload)
     output = await post(router_url(args), payload, max_retries=generate_max_retries(args))
     return apply_generate_output(sample, output)

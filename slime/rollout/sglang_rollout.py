@@ -43,6 +43,7 @@ from .generate import (
     generate_max_retries,
     generate_payload,
     router_url,
+    with_sampling_seed,
 )
 from .metrics import RolloutMetrics
 from .rewarding import failure_reason, mark_failed, score_group, score_sample
@@ -197,11 +198,11 @@ async def _request_slots(state: GenerateState, count: int) -> AsyncIterator[None
 async def _post_batch(args, batch: list[tuple[Sample, dict[str, Any]]]) -> None:
     """One /generate call for samples that share sampling params; all of them FAIL if it fails."""
     samples = [sample for sample, _ in batch]
-    if len(batch) == 1:
-        body = batch[0][1]
-    else:
+    # one sampling_seed for the batch (the first sample's): the server gives the j-th prompt seed + j
+    body = with_sampling_seed(args, samples[0], batch[0][1])
+    if len(batch) > 1:
         body = {"input_ids": [payload["input_ids"] for _, payload in batch],
-                "sampling_params": batch[0][1]["sampling_params"], "return_logprob": True}
+                "sampling_params": body["sampling_params"], "return_logprob": True}
     try:
         outputs = await post(router_url(args), body, max_retries=generate_max_retries(args))
         if len(batch) == 1:
