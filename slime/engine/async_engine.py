@@ -57,13 +57,6 @@ class RequestState:
             self.finish_reason = abort_reason if aborted and abort_reason is not None else out.finish_reason
 
 
-def _take_outputs(engine: Any, request_ids: list[str]) -> list[Any]:
-    """The aborted requests' final outputs, taken from the engine before the stream is closed (a quiet
-    request's tokens arrive only with it); engines without `take_outputs` report none."""
-    take = getattr(engine, "take_outputs", None)
-    return take(set(request_ids)) if take is not None else []
-
-
 class RequestStream:
     """Async iterator over a request's states; ends after the finished state."""
 
@@ -189,10 +182,8 @@ class AsyncEngine:
             added: list[str] = []
             try:
                 for request_id, prompt_ids, params in requests:
-                    if request_id in final_only:  # no per-step outputs to hand over: the engine reports it once
-                        engine.add_request(request_id, list(prompt_ids), params, quiet=True)
-                    else:
-                        engine.add_request(request_id, list(prompt_ids), params)
+                    # a final-only stream needs no per-step outputs: the engine reports the request once
+                    engine.add_request(request_id, list(prompt_ids), params, quiet=request_id in final_only)
                     added.append(request_id)
             except BaseException:
                 for request_id in added:
@@ -217,12 +208,7 @@ class AsyncEngine:
             return False
         reason = finish_reason or {"type": "abort", "message": "Abort requested"}
         stream.abort_reason = reason
-
-        def abort_in_engine(engine: Any) -> list[Any]:
-            engine.abort_request(request_id)
-            return _take_outputs(engine, [request_id])
-
-        self._dispatch(await self.call(abort_in_engine), self.weight_version)  # a quiet request's tokens so far
+        await self._abort_in_engine([request_id], lambda engine: engine.abort_request(request_id))
         self._finish_stream(stream, reason)
         return True
 
@@ -231,17 +217,21 @@ class AsyncEngine:
         reason = {"type": "abort", "message": "Abort all requested"}
         for request_id in ids:
             self._streams[request_id].abort_reason = self._streams[request_id].abort_reason or dict(reason)
-
-        def abort_in_engine(engine: Any) -> list[Any]:
-            engine.abort_all()
-            return _take_outputs(engine, ids)
-
-        self._dispatch(await self.call(abort_in_engine), self.weight_version)
+        await self._abort_in_engine(ids, lambda engine: engine.abort_all())
         for request_id in ids:
             stream = self._streams.get(request_id)
             if stream is not None:
                 self._finish_stream(stream, dict(reason))
         return ids
+
+    async def _abort_in_engine(self, request_ids: list[str], abort: Callable[[Any], Any]) -> None:
+        """Run `abort(engine)` on the engine thread, then hand the aborted requests' final outputs to their
+        streams before they close (a quiet request's tokens so far arrive only with that output)."""
+        def run(engine: Any) -> list[Any]:
+            abort(engine)
+            return engine.take_outputs(set(request_ids))
+
+        self._dispatch(await self.call(run), self.weight_version)
 
     async def pause(self) -> None:
         await self.call(lambda engine: self._set_paused(True))

@@ -173,8 +173,7 @@ class LLMEngine:
         for seq, token_id, logprob in zip(seqs, token_ids, logprobs):
             if seq.is_finished:
                 del self.requests[seq.request_id]
-                outputs.append(self._output(seq, [token_id], [logprob]))
-            elif not seq.quiet:
+            if seq.is_finished or not seq.quiet:
                 outputs.append(self._output(seq, [token_id], [logprob]))
         return outputs
 
