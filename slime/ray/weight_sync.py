@@ -304,14 +304,7 @@ class WeightSync:
             except Exception as e:  # noqa: BLE001 - best effort; the run is failing anyway
                 logger.warning("aborting the weight update group failed: %s", e)
         self._abandoned.append(group)
-        for url in self._group_engines:
-            try:
-                self._post(f"{url}/destroy_weights_update_group", {"group_name": self._group_name}, timeout=10)
-            except Exception as e:  # an engine still inside the broadcast answers after its own timeout
-                logger.warning("destroy_weights_update_group on %s failed: %s", url, e)
-        self._group = None
-        self._group_engines = ()
-        self._group_key = ()
+        self._forget_group(engine_timeout=10)  # an engine still inside the broadcast answers after its own timeout
         self._group_name = f"slime_weights_{os.getpid()}_{len(self._abandoned)}"  # in case an engine kept the old
 
     def _destroy_group(self) -> None:
@@ -319,12 +312,18 @@ class WeightSync:
             return
         from slime.engine.weight_transport import destroy
 
+        group = self._group
+        self._forget_group(engine_timeout=60)
+        destroy(group)
+
+    def _forget_group(self, engine_timeout: float) -> None:
+        """Ask the group's engines to leave it (best effort: an engine may be gone already), then drop it."""
         for url in self._group_engines:
             try:
-                self._post(f"{url}/destroy_weights_update_group", {"group_name": self._group_name}, timeout=60)
-            except Exception as e:  # the engine may be gone already
+                self._post(f"{url}/destroy_weights_update_group", {"group_name": self._group_name},
+                           timeout=engine_timeout)
+            except Exception as e:  # noqa: BLE001
                 logger.warning("destroy_weights_update_group on %s failed: %s", url, e)
-        destroy(self._group)
         self._group = None
         self._group_engines = ()
         self._group_key = ()
