@@ -74,6 +74,17 @@ def _select(batch: dict[str, Any], indices: list[int]) -> dict[str, Any]:
     return out
 
 
+def _mismatch_sums(log_probs: Any, rollout_log_probs: Any, loss_masks: Any) -> tuple[Any, Any]:
+    """(sum of |train - rollout| log-prob over loss tokens, number of loss tokens), per-sample tensors in."""
+    diff: Any = 0.0
+    count: Any = 0.0
+    for lp, rollout_lp, mask in zip(log_probs, rollout_log_probs, loss_masks):
+        mask = mask.to(lp.dtype)
+        diff = diff + ((lp - rollout_lp.to(lp)).abs() * mask).sum()
+        count = count + mask.sum()
+    return diff, count
+
+
 class FSDPTrainer:
     def __init__(self, args: Any, role: str = "actor") -> None:
         if role not in ("actor", "critic"):
@@ -317,21 +328,15 @@ class FSDPTrainer:
         return not any(_arg(args, name, None) for name in plugins)
 
     def _add_mismatch(self, lp: torch.Tensor, mb: dict[str, Any], row) -> None:
-        """Accumulate |train - rollout| log-prob over the loss tokens of a micro-batch (device tensors, no sync)."""
+        """Accumulate the mismatch sums of a micro-batch's training forward (device tensors, no sync)."""
+        diff, count = _mismatch_sums(lp.detach().float().split(row.response_lengths), mb["rollout_log_probs"],
+                                     mb["loss_masks"])
         sums = self._mismatch_sums
-        lp = lp.detach().float()
-        per_sample = zip(lp.split(row.response_lengths), mb["rollout_log_probs"], mb["loss_masks"])
-        for sample_lp, rollout_lp, mask in per_sample:
-            mask = mask.to(sample_lp.dtype)
-            sums["diff"] = sums.get("diff", 0.0) + ((sample_lp - rollout_lp.to(sample_lp)).abs() * mask).sum()
-            sums["count"] = sums.get("count", 0.0) + mask.sum()
+        sums["diff"], sums["count"] = sums.get("diff", 0.0) + diff, sums.get("count", 0.0) + count
 
     def _mismatch_metric(self, batch: dict[str, Any]) -> dict[str, float]:
         """Masked mean |train log-prob - rollout log-prob| over all ranks' loss tokens."""
-        diff, count = 0.0, 0.0
-        for lp, rlp, mask in zip(batch["log_probs"], batch["rollout_log_probs"], batch["loss_masks"]):
-            diff += float(((lp - rlp).abs() * mask).sum())
-            count += float(mask.sum())
+        diff, count = _mismatch_sums(batch["log_probs"], batch["rollout_log_probs"], batch["loss_masks"])
         return self._mismatch_metric_from_sums({"diff": diff, "count": count})
 
     def _mismatch_metric_from_sums(self, sums: dict[str, Any]) -> dict[str, float]:
