@@ -147,12 +147,17 @@ def generate_max_retries(args) -> int:
     return getattr(args, "rollout_max_retries", None) or DEFAULT_GENERATE_MAX_RETRIES
 
 
+def serves_builtin_engines(args) -> bool:
+    """Whether the rollout talks to engines slime starts itself with the built-in backend."""
+    return (getattr(args, "rollout_backend", None) or "builtin") == "builtin" \
+        and not getattr(args, "rollout_external_engine_addrs", None)
+
+
 def sampling_seed(args, sample: Sample) -> int | None:
     """The sample's `sampling_seed` (room left for the +j the server adds to the j-th prompt of a batch), or None:
     without --rollout-seed, or for SGLang engines (they take sampling_seed only with deterministic inference)."""
     seed = getattr(args, "rollout_seed", None)
-    if seed is None or (getattr(args, "rollout_backend", None) or "builtin") != "builtin" \
-            or getattr(args, "rollout_external_engine_addrs", None):
+    if seed is None or not serves_builtin_engines(args):
         return None
     key = f"{seed}:{sample.index}:{sample.response_length}".encode()
     return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 2

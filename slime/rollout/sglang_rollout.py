@@ -43,6 +43,7 @@ from .generate import (
     generate_max_retries,
     generate_payload,
     router_url,
+    serves_builtin_engines,
     with_sampling_seed,
 )
 from .metrics import RolloutMetrics
@@ -171,8 +172,7 @@ def group_requests_enabled(args, group: list) -> bool:
         return False
     mode = getattr(args, "rollout_group_requests", None) or "auto"
     if mode == "auto":
-        return (getattr(args, "rollout_backend", None) or "builtin") == "builtin" \
-            and not getattr(args, "rollout_external_engine_addrs", None)
+        return serves_builtin_engines(args)
     if mode not in ("on", "off"):
         raise RolloutConfigError(f"--rollout-group-requests must be auto, on or off, got {mode!r}")
     return mode == "on"
