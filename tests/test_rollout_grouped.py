@@ -20,7 +20,7 @@ from types import SimpleNamespace
 import httpx
 import pytest
 import test_rollout_sglang
-from test_rollout_sglang import ForwardingProxy, free_port, rollout_args, server_state
+from test_rollout_sglang import PoisonProxy, free_port, poisoned_rollout, rollout_args, server_state
 
 import slime.rollout.sglang_rollout as rollout
 from slime.data.data_source import RolloutDataSourceWithBuffer
@@ -32,7 +32,6 @@ from slime.rollout.sglang_rollout import (
     generate_rollout,
     group_requests_enabled,
 )
-from slime.rollout.tokenization import get_tokenizer
 from slime.utils.types import Sample
 
 engine = test_rollout_sglang.engine  # the module-scoped engine server fixture
@@ -207,31 +206,8 @@ def test_the_flag_decides_and_custom_generate_stays_per_sample():
 
 # ---- the real engine ---------------------------------------------------------------------------
 
-class CountingProxy(ForwardingProxy):
-    """Counts /generate HTTP requests; answers 500 to any whose prompts contain the poison ids."""
-
-    def __init__(self, engine_url: str, poison_ids: list[int] | None = None):
-        self.poison_ids = poison_ids or []
-        self.bodies: list[dict] = []
-        self.poisoned_calls = 0
-        super().__init__(engine_url)
-
-    def intercept(self, path: str, body: bytes) -> tuple[int, bytes] | None:
-        if path != "/generate":
-            return None
-        payload = json.loads(body)
-        self.bodies.append(payload)
-        ids = payload.get("input_ids") or []
-        prompts = ids if ids and isinstance(ids[0], list) else [ids]
-        n = len(self.poison_ids)
-        if n and any(p[i:i + n] == self.poison_ids for p in prompts for i in range(len(p))):
-            self.poisoned_calls += 1
-            return 500, b"CUDA error: device-side assert triggered"
-        return None
-
-
 def test_grouped_equals_per_sample_with_seeded_sampling(engine, tiny_model_dir):
-    proxy = CountingProxy(engine.url)
+    proxy = PoisonProxy(engine.url)
     try:
         args = rollout_args(tiny_model_dir, proxy.port, rollout_max_response_len=12, rm_type="random")
         params = dict(base_sampling_params(args), sampling_seed=1234)
@@ -271,14 +247,8 @@ def test_the_same_rollout_seed_draws_the_same_samples(engine, tiny_model_dir, gr
 
 
 def test_engine_500_fails_the_group_with_one_request_per_attempt(engine, tiny_model_dir, tmp_path):
-    tokenizer = get_tokenizer(str(tiny_model_dir))
-    proxy = CountingProxy(engine.url, tokenizer("POISON", add_special_tokens=False)["input_ids"])
+    proxy, args = poisoned_rollout(tiny_model_dir, engine.url, tmp_path)
     try:
-        data = tmp_path / "prompts.jsonl"
-        prompts = ["1+1=", "POISON 2+2=", "3+3=", "4+4=", "5+5="]
-        data.write_text("".join(json.dumps({"input": p, "label": "x"}) + "\n" for p in prompts))
-        args = rollout_args(tiny_model_dir, proxy.port, data, rollout_batch_size=3, over_sampling_batch_size=3,
-                            n_samples_per_prompt=2, rollout_max_retries=2, rollout_max_response_len=4)
         output = generate_rollout(args, 0, RolloutDataSourceWithBuffer(args))
         kept = [g[0].group_index for g in output.samples]
         assert kept[:2] == [0, 2] and kept[2] in (3, 4, 5)
@@ -290,7 +260,7 @@ def test_engine_500_fails_the_group_with_one_request_per_attempt(engine, tiny_mo
 
 
 def test_eval_sends_whole_prompts_together_and_keeps_prompt_order(engine, tiny_model_dir, tmp_path):
-    proxy = CountingProxy(engine.url)
+    proxy = PoisonProxy(engine.url)
     try:
         data = tmp_path / "eval.jsonl"
         data.write_text("".join(json.dumps({"input": f"{i}+1=", "label": str(i + 1)}) + "\n" for i in range(5)))

@@ -319,32 +319,45 @@ class ForwardingProxy:
 
 
 class PoisonProxy(ForwardingProxy):
-    """Forwards /generate to the real engine, but answers 500 for prompts containing the poison bytes."""
+    """Forwards to the real engine and records every /generate body (single or batched prompts); answers 500
+    for any whose prompts contain the poison ids."""
 
-    def __init__(self, engine_url: str, poison_ids: list[int]):
-        self.poison_ids = poison_ids
+    def __init__(self, engine_url: str, poison_ids: list[int] | None = None):
+        self.poison_ids = poison_ids or []
+        self.bodies: list[dict] = []
         self.poisoned_calls = 0
         super().__init__(engine_url)
 
     def intercept(self, path: str, body: bytes) -> tuple[int, bytes] | None:
-        ids = json.loads(body).get("input_ids") or []
+        if path != "/generate":
+            return None
+        payload = json.loads(body)
+        self.bodies.append(payload)
+        ids = payload.get("input_ids") or []
+        prompts = ids if ids and isinstance(ids[0], list) else [ids]
         n = len(self.poison_ids)
-        if path == "/generate" and any(ids[i:i + n] == self.poison_ids for i in range(len(ids))):
+        if n and any(p[i:i + n] == self.poison_ids for p in prompts for i in range(len(p))):
             self.poisoned_calls += 1
             return 500, b"CUDA error: device-side assert triggered"
         return None
 
 
-def test_engine_500_is_retried_then_fails_only_that_group(engine, tiny_model_dir, tmp_path):
+def poisoned_rollout(tiny_model_dir, engine_url: str, tmp_path, **kw):
+    """(proxy, args): five prompts, the second containing POISON, behind a PoisonProxy; 2 samples a prompt."""
     tokenizer = get_tokenizer(str(tiny_model_dir))
-    proxy = PoisonProxy(engine.url, tokenizer("POISON", add_special_tokens=False)["input_ids"])
+    proxy = PoisonProxy(engine_url, tokenizer("POISON", add_special_tokens=False)["input_ids"])
+    data = tmp_path / "prompts.jsonl"
+    prompts = ["1+1=", "POISON 2+2=", "3+3=", "4+4=", "5+5="]
+    data.write_text("".join(json.dumps({"input": p, "label": "x"}) + "\n" for p in prompts))
+    args = rollout_args(tiny_model_dir, proxy.port, data, rollout_batch_size=3, over_sampling_batch_size=3,
+                        n_samples_per_prompt=2, rollout_max_retries=2, rollout_max_response_len=4, **kw)
+    return proxy, args
+
+
+def test_engine_500_is_retried_then_fails_only_that_group(engine, tiny_model_dir, tmp_path):
+    # per-sample requests (grouped: test_rollout_grouped.py)
+    proxy, args = poisoned_rollout(tiny_model_dir, engine.url, tmp_path, rollout_group_requests="off")
     try:
-        data = tmp_path / "prompts.jsonl"
-        prompts = ["1+1=", "POISON 2+2=", "3+3=", "4+4=", "5+5="]
-        data.write_text("".join(json.dumps({"input": p, "label": "x"}) + "\n" for p in prompts))
-        args = rollout_args(tiny_model_dir, proxy.port, data, rollout_batch_size=3, over_sampling_batch_size=3,
-                            n_samples_per_prompt=2, rollout_max_retries=2, rollout_max_response_len=4,
-                            rollout_group_requests="off")  # per-sample requests (grouped: test_rollout_grouped.py)
         data_source = RolloutDataSourceWithBuffer(args)
         output = generate_rollout(args, 0, data_source)
         # the poisoned group fails, so a second over-sampling round is fetched to fill the batch
