@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 ALGO_DIR = Path(__file__).resolve().parents[1] / "slime" / "algo"
-ALLOWED_ROOTS = {"__future__", "typing", "collections", "math", "dataclasses", "torch", "slime"}
+ALLOWED_ROOTS = {"__future__", "typing", "collections", "math", "dataclasses", "functools", "torch", "slime"}
 ALLOWED_SLIME = ("slime.algo", "slime.utils.plugins")
 FORBIDDEN = ("slime.backends", "slime.engine", "slime.ray", "ray", "megatron", "sglang", "transformers")
 

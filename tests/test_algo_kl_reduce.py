@@ -9,6 +9,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from slime.algo.kl import compute_approx_kl
 from slime.algo.reduce import get_sum_of_sample_mean, sum_of_sample_mean
@@ -119,3 +121,31 @@ def test_reduction_errors_name_the_mismatch() -> None:
         sum_of_sample_mean(X, LENGTHS, [torch.ones(2), torch.ones(2)])
     with pytest.raises(ValueError, match="total_lengths"):
         get_sum_of_sample_mean([5], LENGTHS, MASKS)
+
+
+def _loop_sum_of_sample_mean(x, lengths, masks, norms, per_token):
+    """The definition, one sample at a time."""
+    total = x.new_zeros(())
+    for x_i, m_i, n_i in zip(x.split(lengths), masks, norms):
+        part = torch.where(m_i != 0, x_i * m_i, 0.0).sum()
+        total = total + (part if per_token else part / n_i.sum().clamp_min(1))
+    return total
+
+
+@settings(max_examples=40, deadline=None)
+@given(lengths=st.lists(st.integers(0, 6), min_size=0, max_size=9), seed=st.integers(0, 2**16),
+       per_token=st.booleans(), narrowed=st.booleans())
+def test_sum_of_sample_mean_equals_the_per_sample_definition_with_its_gradient(lengths, seed, per_token, narrowed):
+    gen = torch.Generator().manual_seed(seed)
+    n = sum(lengths)
+    x = torch.randn(n, dtype=torch.float64, generator=gen)
+    norms = [(torch.rand(k, generator=gen) > 0.3).double() for k in lengths]  # empty and fully masked samples too
+    masks = [m * (torch.rand(len(m), generator=gen) > 0.5).double() for m in norms] if narrowed else norms
+    x_loop, x_vec = x.clone().requires_grad_(), x.clone().requires_grad_()
+    expected = _loop_sum_of_sample_mean(x_loop, lengths, masks, norms, per_token)
+    got = sum_of_sample_mean(x_vec, lengths, masks, per_token=per_token, normalizer_masks=norms)
+    torch.testing.assert_close(got, expected)
+    if n:
+        expected.backward()
+        got.backward()
+        torch.testing.assert_close(x_vec.grad, x_loop.grad)

@@ -14,6 +14,27 @@ import torch
 from test_fsdp_harness import make_rollout_data
 
 
+# ----------------------------------------------------------------- per-sample tensors to the device
+def test_samples_go_to_the_device_in_one_copy_with_their_shapes():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from slime.backends.fsdp.batching import samples_to_device
+
+    class CountCopies(TorchDispatchMode):
+        copies = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            CountCopies.copies += func in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default)
+            return func(*args, **(kwargs or {}))
+
+    samples = [torch.arange(3.0), torch.zeros(0), torch.ones(2, 2), torch.tensor([7.0])]
+    assert all(a is b for a, b in zip(samples_to_device(samples, "cpu"), samples))  # already there: kept as they are
+    with CountCopies():
+        moved = samples_to_device(samples * 50, "meta")  # another device: 200 samples, one transfer
+    assert CountCopies.copies == 1
+    assert [m.shape for m in moved] == [s.shape for s in samples * 50] and {m.device.type for m in moved} == {"meta"}
+
+
 # ----------------------------------------------------------------- LR schedule
 def test_lr_schedule_values():
     from slime.backends.fsdp.optimizer import lr_at_step

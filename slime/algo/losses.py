@@ -14,6 +14,8 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
+from slime.algo.reduce import SampleSegments, flat_mask
+
 
 def _check_same_shape(**tensors: Tensor) -> None:
     shapes = {name: tuple(t.shape) for name, t in tensors.items()}
@@ -67,15 +69,11 @@ def sequence_mean_log_ratio(
             f"response_lengths {list(response_lengths)} / {len(loss_masks)} loss_masks"
             f" do not match {log_probs.numel()} tokens"
         )
-    pieces = []
-    for new_i, old_i, mask_i in zip(
-        log_probs.split(list(response_lengths)), old_log_probs.split(list(response_lengths)), loss_masks
-    ):
-        mask_i = mask_i.to(device=new_i.device, dtype=new_i.dtype)
-        diff = torch.where(mask_i != 0, (old_i - new_i) * mask_i, 0.0)
-        seq_kl = diff.sum() / mask_i.sum().clamp_min(1)
-        pieces.append(seq_kl.expand(new_i.shape))
-    return torch.cat(pieces) if pieces else log_probs.new_zeros(0)
+    segments = SampleSegments(response_lengths, log_probs.device)
+    mask = flat_mask(loss_masks, log_probs)
+    diff = torch.where(mask != 0, (old_log_probs - log_probs) * mask, 0.0)
+    seq_kl = segments.sums(diff) / segments.sums(mask).clamp_min(1)
+    return segments.broadcast(seq_kl)
 
 
 def gspo_policy_loss(

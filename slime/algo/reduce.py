@@ -36,6 +36,52 @@ def _check_lengths(x: Tensor, response_lengths: Sequence[int], loss_masks: Seque
             raise ValueError(f"loss_masks[{i}] has {mask.numel()} entries but response_lengths[{i}] = {length}")
 
 
+class SampleSegments:
+    """Which sample each token of a flat micro-batch tensor belongs to, so per-sample sums are one kernel.
+
+    A Python loop over samples costs a dozen kernels per sample and per reduction (thousands per micro-batch
+    of short GRPO answers); `sums` is one `index_add` whatever the number of samples.
+    """
+
+    def __init__(self, response_lengths: Sequence[int], device: torch.device | str) -> None:
+        self.count = len(response_lengths)
+        ids = torch.repeat_interleave(torch.arange(self.count), torch.as_tensor(list(response_lengths),
+                                                                                dtype=torch.long))
+        if torch.device(device).type == "cuda":  # pinned + non-blocking: no wait on the queued GPU work
+            ids = ids.pin_memory()
+        self.ids = ids.to(device, non_blocking=True)
+
+    def sums(self, x: Tensor) -> Tensor:
+        """[num_samples] sums of the flat per-token `x` over each sample's tokens (differentiable)."""
+        return x.new_zeros(self.count).index_add(0, self.ids, x)
+
+    def broadcast(self, per_sample: Tensor) -> Tensor:
+        """A [num_samples] tensor spread back over the flat tokens."""
+        return per_sample.index_select(0, self.ids)
+
+
+def flat_mask(loss_masks: Sequence[Tensor], like: Tensor) -> Tensor:
+    """The per-sample masks concatenated, on `like`'s device and dtype."""
+    if not loss_masks:
+        return like.new_zeros(0)
+    parts = [m.reshape(-1) for m in loss_masks]
+    if any(part.device != like.device for part in parts):
+        parts = [part.to(like.device) for part in parts]
+    return torch.cat(parts).to(like.dtype)
+
+
+def reduce_by_sample(x: Tensor, mask: Tensor, segments: SampleSegments, *, per_token: bool = False,
+                     denominators: Tensor | None = None) -> Tensor:
+    """`sum_of_sample_mean` over flat tensors: `mask` is the flat numerator mask, `denominators` each sample's
+    normaliser (default: its number of masked-in tokens, at least 1)."""
+    masked = _masked(x, mask)
+    if per_token:
+        return masked.sum()
+    if denominators is None:
+        denominators = segments.sums(mask.to(x.dtype)).clamp_min(1)
+    return (segments.sums(masked) / denominators).sum()
+
+
 def sum_of_sample_mean(
     x: Tensor,
     response_lengths: Sequence[int],
@@ -50,14 +96,13 @@ def sum_of_sample_mean(
     reject tokens shrink the numerator mask but keep the original denominators.
     """
     _check_lengths(x, response_lengths, loss_masks)
-    normalizer_masks = loss_masks if normalizer_masks is None else normalizer_masks
-    total = x.new_zeros(())
-    for x_i, mask_i, norm_i in zip(x.split(list(response_lengths)), loss_masks, normalizer_masks):
-        contribution = _masked(x_i, mask_i).sum()
-        if not per_token:
-            contribution = contribution / norm_i.to(device=x.device, dtype=x.dtype).sum().clamp_min(1)
-        total = total + contribution
-    return total
+    segments = SampleSegments(response_lengths, x.device)
+    mask = flat_mask(loss_masks, x)
+    denominators = None
+    if normalizer_masks is not None and normalizer_masks is not loss_masks:
+        _check_lengths(x, response_lengths, normalizer_masks)
+        denominators = segments.sums(flat_mask(normalizer_masks, x)).clamp_min(1)
+    return reduce_by_sample(x, mask, segments, per_token=per_token, denominators=denominators)
 
 
 def get_sum_of_sample_mean(

@@ -26,6 +26,7 @@ advantages and (`--normalize-advantages`) whitens them over all data-parallel ra
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Callable
 
 import torch
@@ -39,7 +40,7 @@ from slime.algo.advantages import (
 )
 from slime.algo.kl import compute_approx_kl
 from slime.algo.losses import policy_loss, sft_loss, value_loss, vanilla_tis
-from slime.algo.reduce import sum_of_sample_mean
+from slime.algo.reduce import SampleSegments, flat_mask, reduce_by_sample
 from slime.utils.plugins import load_function
 
 EXTREMUM_METRICS = {"tis_min": "min", "tis_max": "max"}
@@ -129,7 +130,11 @@ def compute_advantages_from_args(args: Any, batch: dict, *, group: Any = None) -
 
 @dataclass
 class _MicroBatch:
-    """Shapes and masks of one micro-batch; `flat` concatenates per-sample tensors with masked positions zeroed."""
+    """Shapes and masks of one micro-batch; `flat` concatenates per-sample tensors with masked positions zeroed.
+
+    The flat mask, the token-to-sample map and the per-sample denominators are built once per micro-batch
+    and shared by every reduction (loss and metrics).
+    """
 
     response_lengths: list[int]
     total_lengths: list[int]
@@ -137,11 +142,21 @@ class _MicroBatch:
     per_token: bool
     device: torch.device
 
-    @property
+    @cached_property
+    def segments(self) -> SampleSegments:
+        return SampleSegments(self.response_lengths, self.device)
+
+    @cached_property
+    def mask(self) -> Tensor:
+        return flat_mask(self.loss_masks, torch.zeros(0, device=self.device))
+
+    @cached_property
     def valid(self) -> Tensor:
-        if not self.loss_masks:
-            return torch.zeros(0, dtype=torch.bool, device=self.device)
-        return torch.cat([m.reshape(-1) != 0 for m in self.loss_masks]).to(self.device)
+        return self.mask != 0
+
+    @cached_property
+    def denominators(self) -> Tensor:
+        return self.segments.sums(self.mask).clamp_min(1)
 
     def flat(self, tensors: list[Tensor], name: str, dtype: torch.dtype | None = None) -> Tensor:
         if len(tensors) != len(self.response_lengths):
@@ -151,7 +166,10 @@ class _MicroBatch:
                 raise ValueError(f"{name}[{i}] has {torch.as_tensor(x).numel()} tokens but response_lengths[{i}] = {n}")
         if not tensors:
             return torch.zeros(0, device=self.device, dtype=dtype or torch.float32)
-        out = torch.cat([torch.as_tensor(x).reshape(-1).to(self.device) for x in tensors])
+        parts = [torch.as_tensor(x).reshape(-1) for x in tensors]
+        if any(part.device != self.device for part in parts):
+            parts = [part.to(self.device) for part in parts]
+        out = torch.cat(parts)
         out = out if dtype is None else out.to(dtype)
         return torch.where(self.valid, out, 0.0)
 
@@ -159,10 +177,12 @@ class _MicroBatch:
         return list(flat.split(self.response_lengths))
 
     def reduce(self, x: Tensor, masks: list[Tensor] | None = None) -> Tensor:
-        return sum_of_sample_mean(
-            x, self.response_lengths, self.loss_masks if masks is None else masks,
-            per_token=self.per_token, normalizer_masks=self.loss_masks,
-        )
+        """Sum of per-sample masked means (per token: masked sum); `masks` narrows the numerator only."""
+        mask = self.mask if masks is None or masks is self.loss_masks else flat_mask(masks, self.mask)
+        if mask.numel() != x.numel():
+            raise ValueError(f"{x.numel()} per-token values but the masks cover {mask.numel()} tokens")
+        return reduce_by_sample(x, mask, self.segments, per_token=self.per_token,
+                                denominators=self.denominators.to(x.dtype))
 
 
 def _required(batch: dict, key: str, flag: str) -> list[Tensor]:

@@ -155,6 +155,14 @@ def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     return t.to(device)
 
 
+def samples_to_device(tensors: Sequence[torch.Tensor], device: torch.device | str) -> list[torch.Tensor]:
+    """Per-sample host tensors -> device views of one flat copy (one transfer, not one per sample)."""
+    if not tensors or all(t.device == torch.device(device) for t in tensors):
+        return list(tensors)
+    flat = to_device(torch.cat([t.reshape(-1) for t in tensors]), device)
+    return [piece.view(t.shape) for piece, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+
+
 def pack_samples(tokens: Sequence[Sequence[int]], response_lengths: Sequence[int], device: torch.device | str,
                  pad_token_id: int = 0) -> PackedRow:
     """Concatenate samples into one row; an empty list gives a 1-token dummy row with no targets."""

@@ -30,11 +30,11 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from slime.algo.reduce import get_sum_of_sample_mean
+from slime.algo.reduce import flat_mask, get_sum_of_sample_mean
 from slime.algo.rl_loss import EXTREMUM_METRICS, compute_advantages_from_args, compute_rl_loss
 from slime.rollout.train_data import apply_rollout_data_postprocess
 from slime.backends.fsdp import checkpoint as ckpt
-from slime.backends.fsdp.batching import (pack_samples, plan_micro_batches, split_into_steps, to_device,
+from slime.backends.fsdp.batching import (pack_samples, plan_micro_batches, samples_to_device, split_into_steps,
                                          validate_rollout_data)
 from slime.backends.fsdp.distributed import all_reduce_max, all_reduce_sums, build_mesh, ensure_process_group
 from slime.backends.fsdp.model import PolicyModel, ValueModel, build_sharded_policy, hf_name, reshard_all
@@ -76,13 +76,12 @@ def _select(batch: dict[str, Any], indices: list[int]) -> dict[str, Any]:
 
 def _mismatch_sums(log_probs: Any, rollout_log_probs: Any, loss_masks: Any) -> tuple[Any, Any]:
     """(sum of |train - rollout| log-prob over loss tokens, number of loss tokens), per-sample tensors in."""
-    diff: Any = 0.0
-    count: Any = 0.0
-    for lp, rollout_lp, mask in zip(log_probs, rollout_log_probs, loss_masks):
-        mask = mask.to(lp.dtype)
-        diff = diff + ((lp - rollout_lp.to(lp)).abs() * mask).sum()
-        count = count + mask.sum()
-    return diff, count
+    if not log_probs:
+        return 0.0, 0.0
+    lp = torch.cat([t.reshape(-1) for t in log_probs])
+    rollout = torch.cat([t.reshape(-1) for t in rollout_log_probs]).to(lp)
+    mask = flat_mask(loss_masks, lp)
+    return torch.where(mask != 0, (lp - rollout).abs() * mask, 0.0).sum(), mask.sum()
 
 
 class FSDPTrainer:
@@ -368,8 +367,7 @@ class FSDPTrainer:
             loss, metrics = fn(args, mb, logits, reducer)
             return loss, dict(metrics)
         device = row.input_ids.device  # per-sample tensors go over before the forward, without a host sync
-        to_dev = {k: [to_device(t, device) for t in mb[k]] for k in PER_SAMPLE_TENSOR_KEYS
-                  if k in mb and mb[k] is not None}
+        to_dev = {k: samples_to_device(mb[k], device) for k in PER_SAMPLE_TENSOR_KEYS if k in mb and mb[k] is not None}
         mb = dict(mb, **to_dev)
         entropy_grad = float(_arg(args, "entropy_coef", 0.0)) != 0.0
         lp, ent = self.model(row, self.temperature, int(_arg(args, "log_probs_chunk_size", -1)), True,
