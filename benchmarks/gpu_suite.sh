@@ -6,7 +6,8 @@
 # on stdout. Each part stands alone (a machine's /tmp does not outlive it).
 #   PART 1  GPU 0     vs_trl: slime colocated (rl_step, per-layer compiled training, 8k-token micro-batches,
 #                     chunked log-probs: FAST_ARGS) then TRL's GRPOTrainer, same SFT-warmed model, same GPU
-#           GPU 1     server_overhead (per-sample and grouped /generate, 0.6B, the rollout's shape), weight_sync
+#           GPU 1     loss_overhead (RL loss kernels: reductions vs a per-sample loop), server_overhead
+#                     (per-sample and grouped /generate, 0.6B, the rollout's shape), weight_sync
 #                     4B colocated (CUDA IPC)
 #   PART 2  GPUs 0,1  tensor-parallel engine tests (tp=2 vs tp=1, 0.6B shape) and the GPU engine tests, engine
 #                     throughput with --tp-size 2, weight_sync 0.6B and 4B disaggregated (NCCL, flattened
@@ -47,6 +48,7 @@ if [ "$PART" = 1 ]; then
         --out $RES/vs_trl.json --slime-out $RES/rl_step_colocated_fast.json
   ) &
   (
+    job loss_overhead 1 400 python benchmarks/loss_overhead.py --device cuda --out $RES/loss_overhead.json
     python tools/make_tiny_model.py --preset qwen3-0.6b --output $MODELS/q06 --dtype bfloat16 > "$RES/make_q06.log" 2>&1
     for form in "" --grouped; do  # host overhead per engine step of the rollout's request shape, on the GPU
       job "server_overhead${form:+_grouped}" 1 300 python benchmarks/server_overhead.py --device cuda --model $MODELS/q06 \

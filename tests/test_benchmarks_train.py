@@ -37,3 +37,15 @@ def test_train_throughput_smoke_writes_the_json(tmp_path) -> None:
     assert tiny["variants"]["layer"]["final_loss"] == pytest.approx(tiny["variants"]["eager"]["final_loss"], abs=1e-4)
     table = proc.stderr.strip().splitlines()
     assert table[-3].split()[:2] == ["tiny", "eager"] and table[-2].split()[:2] == ["tiny", "layer"]
+
+
+def test_loss_overhead_benchmark_counts_fewer_ops_than_the_per_sample_loop(tmp_path) -> None:
+    out = tmp_path / "loss.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "loss_overhead.py"), "--samples", "3", "40",
+                           "--repeats", "2", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    small, large = result["rows"]
+    assert small["slime"]["ops"] == large["slime"]["ops"]  # independent of the number of samples
+    assert large["per_sample_loop"]["ops"] > 10 * large["slime"]["ops"]
+    assert all(row[name]["ms"] > 0 for row in result["rows"] for name in ("slime", "per_sample_loop"))
