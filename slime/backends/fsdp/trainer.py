@@ -191,27 +191,22 @@ class FSDPTrainer:
         return float(_arg(self.args, "rollout_temperature", 1.0))
 
     # ----------------------------------------------------------------- log-probs
-    def _log_probs_of(self, batch: dict[str, Any], with_entropy: bool = False
-                      ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Per-sample response log-probs (and entropy) with the current weights, no grad; CPU tensors."""
+    def _log_probs_of(self, batch: dict[str, Any]) -> list[torch.Tensor]:
+        """Per-sample response log-probs with the current weights, no grad; CPU tensors."""
         assert self.model is not None
         max_tokens = _arg(self.args, "log_probs_max_tokens_per_gpu", None) or _arg(self.args, "max_tokens_per_gpu")
-        plan = self._plan(batch["total_lengths"], max_tokens)
-        n = len(batch["tokens"])
-        log_probs: list[torch.Tensor | None] = [None] * n
-        entropies: list[torch.Tensor | None] = [None] * n
+        log_probs: list[torch.Tensor | None] = [None] * len(batch["tokens"])
         was_training = self.model.training
         self.model.eval()
         with torch.no_grad():
-            for indices in plan:
+            for indices in self._plan(batch["total_lengths"], max_tokens):
                 row = self._row(batch, indices)
-                lp, ent = self.model(row, self.temperature, int(_arg(self.args, "log_probs_chunk_size", -1)),
-                                     with_entropy)
-                for i, a, b in zip(indices, lp.split(row.response_lengths), ent.split(row.response_lengths)):
-                    log_probs[i], entropies[i] = a.float().cpu(), b.float().cpu()
+                lp, _ = self.model(row, self.temperature, int(_arg(self.args, "log_probs_chunk_size", -1)), False)
+                for i, sample_lp in zip(indices, lp.float().cpu().split(row.response_lengths)):  # one copy per row
+                    log_probs[i] = sample_lp.clone()  # its own storage: a view would pickle the whole row
         self.model.train(was_training)
         reshard_all(self.model)
-        return log_probs, entropies  # type: ignore[return-value]
+        return log_probs  # type: ignore[return-value]
 
     def _values_of(self, batch: dict[str, Any]) -> list[torch.Tensor]:
         """Critic: per-sample values at the response positions with the current weights, no grad; CPU tensors."""
@@ -222,8 +217,8 @@ class FSDPTrainer:
         with torch.no_grad():
             for indices in self._plan(batch["total_lengths"], max_tokens):
                 row = self._row(batch, indices)
-                for i, v in zip(indices, self.model(row).split(row.response_lengths)):
-                    values[i] = v.float().cpu()
+                for i, v in zip(indices, self.model(row).float().cpu().split(row.response_lengths)):
+                    values[i] = v.clone()
         self.model.train()
         reshard_all(self.model)
         return values  # type: ignore[return-value]
@@ -240,14 +235,14 @@ class FSDPTrainer:
         if self.role != "actor":
             raise ValueError("compute_log_probs needs the actor; the critic has compute_values")
         self._check_onloaded()
-        return self._log_probs_of(self._prepare_batch(rollout_data))[0]
+        return self._log_probs_of(self._prepare_batch(rollout_data))
 
     def compute_ref_log_probs(self, rollout_data: dict[str, Any]) -> list[torch.Tensor]:
         if self.ref_shards is None:
             raise ValueError("no reference model: enable --use-kl-loss or --kl-coef")
         self._check_onloaded()
         with swapped_in(self.model, self.ref_shards):
-            return self._log_probs_of(self._prepare_batch(rollout_data))[0]
+            return self._log_probs_of(self._prepare_batch(rollout_data))
 
     # ----------------------------------------------------------------- training
     def train(self, rollout_id: int, rollout_data: dict[str, Any]) -> dict[str, Any]:
@@ -283,14 +278,14 @@ class FSDPTrainer:
                             "(no separate pass; --recompute-old-log-probs forces it)")
         else:
             log_prob_start = time.time()
-            batch["log_probs"] = self._log_probs_of(batch)[0]  # host tensors: the device work is done
+            batch["log_probs"] = self._log_probs_of(batch)  # host tensors: the device work is done
             rollout_metrics["log_probs_time_s"] = time.time() - log_prob_start
             if "rollout_log_probs" in batch:
                 rollout_metrics.update(self._mismatch_metric(batch))
         if self.ref_shards is not None and self.role == "actor":
             ref_start = time.time()
             with swapped_in(self.model, self.ref_shards):
-                batch["ref_log_probs"] = self._log_probs_of(batch)[0]
+                batch["ref_log_probs"] = self._log_probs_of(batch)
             rollout_metrics["log_probs_time_s"] = rollout_metrics.get("log_probs_time_s", 0.0) + time.time() - ref_start
         compute_advantages_from_args(args, batch)
         apply_rollout_data_postprocess(args, rollout_id, batch)  # --rollout-data-postprocess-path sees log-probs + advantages
