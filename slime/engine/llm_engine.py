@@ -114,8 +114,7 @@ class LLMEngine:
                              f"(--context-length / --max-total-tokens)")
         seed = params.seed if params.seed is not None else int(
             torch.randint(0, 2**62, (1,), generator=self.generator).item())
-        seq = Sequence(request_id, prompt_token_ids, params, sampling_seed=seed)
-        seq.quiet = quiet
+        seq = Sequence(request_id, prompt_token_ids, params, sampling_seed=seed, quiet=quiet)
         if params.max_new_tokens == 0:
             seq.status = SequenceStatus.FINISHED
             seq.finish_reason = {"type": "length", "length": 0}

@@ -19,7 +19,8 @@ class SequenceStatus(Enum):
 
 
 class Sequence:
-    def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, sampling_seed: int) -> None:
+    def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, sampling_seed: int,
+                 quiet: bool = False) -> None:
         self.request_id = request_id
         self.token_ids: list[int] = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
@@ -34,7 +35,7 @@ class Sequence:
         self.cached_tokens: int | None = None  # prompt tokens found in the prefix cache at first admission
         self.num_preemptions = 0
         self.finish_reason: dict[str, Any] | None = None
-        self.quiet = False  # reported once, when finished, with every output token (LLMEngine.add_request)
+        self.quiet = quiet  # reported once, when finished, with every output token (LLMEngine.add_request)
 
     def __len__(self) -> int:
         return len(self.token_ids)
