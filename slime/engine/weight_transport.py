@@ -171,9 +171,10 @@ def pack_by_dtype(named_tensors: Sequence[tuple[str, torch.Tensor]], device: tor
 
 
 def unpack_by_dtype(buffers: Sequence[torch.Tensor], names: Sequence[str], dtypes: Sequence[torch.dtype],
-                    shapes: Sequence[Sequence[int]]) -> list[tuple[str, torch.Tensor]]:
-    """Inverse of `pack_by_dtype`: views into `buffers` (no copy), in bucket order."""
-    layout = dtype_layout(dtypes, shapes)
+                    shapes: Sequence[Sequence[int]], layout: list | None = None) -> list[tuple[str, torch.Tensor]]:
+    """Inverse of `pack_by_dtype`: views into `buffers` (no copy), in bucket order (`layout`: the
+    `dtype_layout` of these dtypes and shapes, when the caller has it already)."""
+    layout = dtype_layout(dtypes, shapes) if layout is None else layout
     assert len(buffers) == len(layout), "one buffer per dtype"
     out: list[Any] = [None] * len(names)
     for buffer, (dtype, indices, offsets, _) in zip(buffers, layout):
@@ -328,10 +329,10 @@ def receive_named_tensors(
         raise ValueError(f"names, dtypes and shapes differ in length ({len(names)}, {len(dtypes)}, {len(shapes)})")
     torch_dtypes = [dtype_from_name(dt) for dt in dtypes]
     if check_load_format(load_format) == FLATTENED_BUCKET:
-        buffers = [torch.empty(size, dtype=torch.uint8, device=handle.device)
-                   for *_, size in dtype_layout(torch_dtypes, shapes)]
+        layout = dtype_layout(torch_dtypes, shapes)
+        buffers = [torch.empty(size, dtype=torch.uint8, device=handle.device) for *_, size in layout]
         broadcast_tensors(handle, buffers, src=src)
-        return unpack_by_dtype(buffers, names, torch_dtypes, shapes)
+        return unpack_by_dtype(buffers, names, torch_dtypes, shapes, layout)
     tensors = [torch.empty(tuple(int(d) for d in shape), dtype=dtype, device=handle.device)
                for dtype, shape in zip(torch_dtypes, shapes)]
     broadcast_tensors(handle, tensors, src=src)
