@@ -84,6 +84,16 @@ def _mismatch_sums(log_probs: Any, rollout_log_probs: Any, loss_masks: Any) -> t
     return torch.where(mask != 0, (lp - rollout).abs() * mask, 0.0).sum(), mask.sum()
 
 
+def _to_host_floats(values: dict[str, Any]) -> dict[str, float]:
+    """Scalars (device tensors or numbers) as floats, the tensors in one device-to-host copy."""
+    tensors = {k: v for k, v in values.items() if torch.is_tensor(v)}
+    out = {k: float(v) for k, v in values.items() if k not in tensors}
+    if tensors:
+        stacked = torch.stack([t.reshape(()).float() for t in tensors.values()]).cpu().tolist()
+        out.update(zip(tensors, stacked))
+    return {k: out[k] for k in values}
+
+
 class FSDPTrainer:
     def __init__(self, args: Any, role: str = "actor") -> None:
         if role not in ("actor", "critic"):
@@ -394,7 +404,7 @@ class FSDPTrainer:
                     extrema[key].append(value)
                 else:
                     sums[key] = sums[key] + value
-        sums = {k: float(v) for k, v in sums.items()}
+        sums = _to_host_floats(sums)
         extrema = {k: [float(v) for v in vs] for k, vs in extrema.items()}
         keys = sorted(set().union(*self._gather_keys(sums)))
         totals = all_reduce_sums({k: sums.get(k, 0.0) for k in keys}, self.device)
