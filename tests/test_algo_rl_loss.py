@@ -14,7 +14,6 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from slime.algo.rl_loss import compute_advantages_from_args, compute_rl_loss, normalize_rewards_from_args
 
@@ -341,18 +340,6 @@ def test_mismatch_metrics_alone_report_tis_without_weighting_the_loss() -> None:
     assert m["ois"].item() == pytest.approx(2.0)  # ratio 1 in both samples
 
 
-class _CountKernels(TorchDispatchMode):
-    """Counts the compute ops (views excluded) that reach the backend: on a GPU, each is a kernel launch."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += 0 if func.is_view else 1
-        return func(*args, **(kwargs or {}))
-
-
 def _kernels_of_loss_step(num_samples: int) -> int:
     args = make_args(use_tis=True, use_kl_loss=True, kl_loss_coef=0.1, entropy_coef=0.01)
     lengths = [3 + i % 5 for i in range(num_samples)]
@@ -363,7 +350,10 @@ def _kernels_of_loss_step(num_samples: int) -> int:
         batch[key] = [-torch.rand(n, generator=gen, dtype=F64) for n in lengths]
     log_probs = [lp.clone().requires_grad_() for lp in batch["log_probs"]]
     entropy = [torch.rand(n, dtype=F64, generator=gen) for n in lengths]
-    with _CountKernels() as counter:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from loss_overhead import CountOps  # views excluded: on a GPU each counted op is a kernel launch
+
+    with CountOps() as counter:
         loss, _ = compute_rl_loss(args, batch, log_probs=log_probs, entropy=entropy)
         loss.backward()
     return counter.count
