@@ -40,7 +40,8 @@ class SampleSegments:
     """Which sample each token of a flat micro-batch tensor belongs to, so per-sample sums are one kernel.
 
     A Python loop over samples costs a dozen kernels per sample and per reduction (thousands per micro-batch
-    of short GRPO answers); `sums` is one `index_add` whatever the number of samples.
+    of short GRPO answers); `sums` is one `index_add` whatever the number of samples. On CUDA its float
+    additions land in any order (last-bit differences run to run) unless `torch.use_deterministic_algorithms`.
     """
 
     def __init__(self, response_lengths: Sequence[int], device: torch.device | str) -> None:
