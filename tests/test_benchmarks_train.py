@@ -30,10 +30,11 @@ def test_train_throughput_smoke_writes_the_json(tmp_path) -> None:
     assert tiny["slime"]["tokens_per_s_per_gpu"] > 0 and tiny["slime"]["model_tflops_per_s_per_gpu"] > 0
     assert tiny["mfu_vs_measured_peak"] > 0
     assert tiny["hf_baseline"]["tokens_per_s"] > 0 and tiny["speedup_vs_hf_per_gpu"] > 0
-    assert tiny["slime"]["attention"] == "sdpa"
+    assert tiny["slime"]["attention"] == "slime_packed"  # CPU eager: per sample; compiled layers keep sdpa
     # two variants on the same checkpoint and rollouts; `slime` is the first; the table comes last on stderr
     assert set(tiny["variants"]) == {"eager", "layer"} and tiny["slime"] == tiny["variants"]["eager"]
     assert tiny["variants"]["eager"]["compiled_layers"] == 0 and tiny["variants"]["layer"]["compiled_layers"] == 2
+    assert tiny["variants"]["layer"]["attention"] == "sdpa"
     assert tiny["variants"]["layer"]["final_loss"] == pytest.approx(tiny["variants"]["eager"]["final_loss"], abs=1e-4)
     table = proc.stderr.strip().splitlines()
     assert table[-3].split()[:2] == ["tiny", "eager"] and table[-2].split()[:2] == ["tiny", "layer"]

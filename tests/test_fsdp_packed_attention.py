@@ -120,3 +120,13 @@ def test_fused_elementwise_ops_match_the_hf_modules(tmp_path) -> None:
     for ours, theirs in zip(fused_ops._rope(q, k, cos, sin, 1), modeling_qwen3.apply_rotary_pos_emb(q, k, cos, sin)):
         assert torch.equal(ours, theirs)
     assert not fused_ops.enabled("cpu")
+
+
+def test_cpu_training_attends_per_sample_unless_layers_are_compiled(monkeypatch) -> None:
+    """sdpa on CPU would attend over a dense T x T block-diagonal mask; compiled layers keep it (no per-sample list)."""
+    from slime.backends.fsdp.model import attention_implementation
+
+    monkeypatch.delenv("SLIME_FSDP_COMPILE", raising=False)
+    assert attention_implementation("cpu") == PACKED_ATTENTION
+    monkeypatch.setenv("SLIME_FSDP_COMPILE", "layer")
+    assert attention_implementation("cpu") == "sdpa"

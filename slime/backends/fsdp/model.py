@@ -39,7 +39,10 @@ def hf_name(name: str) -> str:
 
 def attention_implementation(device: str) -> str:
     """flash-attention handles packed rows natively on GPU; without it the packed varlen attention
-    (`packed_attention.py`); on CPU sdpa gets a block-diagonal mask from position ids."""
+    (`packed_attention.py`). On CPU the packed attention's per-sample path: sdpa would attend over a dense
+    T x T block-diagonal mask (25% slower train steps at the quickstart's 1024-token rows), except under
+    SLIME_FSDP_COMPILE=layer, where the per-sample path's Python list of lengths would re-trace the compiled
+    layers for every new sample count."""
     if device == "cuda":
         try:
             import flash_attn  # noqa: F401
@@ -47,7 +50,7 @@ def attention_implementation(device: str) -> str:
             return "flash_attention_2"
         except ImportError:
             return register_packed_attention()
-    return "sdpa"
+    return "sdpa" if compile_mode() == "layer" else register_packed_attention()
 
 
 def _attention_kwargs(hf_model: nn.Module, row: PackedRow) -> dict[str, Any]:
