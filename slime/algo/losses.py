@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from slime.algo.reduce import SampleSegments, flat_mask
+from slime.algo.reduce import SampleSegments, flat_mask, masked
 
 
 def _check_same_shape(**tensors: Tensor) -> None:
@@ -71,8 +71,7 @@ def sequence_mean_log_ratio(
         )
     segments = SampleSegments(response_lengths, log_probs.device)
     mask = flat_mask(loss_masks, log_probs)
-    diff = torch.where(mask != 0, (old_log_probs - log_probs) * mask, 0.0)
-    seq_kl = segments.sums(diff) / segments.sums(mask).clamp_min(1)
+    seq_kl = segments.sums(masked(old_log_probs - log_probs, mask)) / segments.sums(mask).clamp_min(1)
     return segments.broadcast(seq_kl)
 
 

@@ -19,7 +19,8 @@ import torch
 from torch import Tensor
 
 
-def _masked(x: Tensor, mask: Tensor) -> Tensor:
+def masked(x: Tensor, mask: Tensor) -> Tensor:
+    """x * mask, with exact zeros where the mask is 0 (even where x holds inf or NaN)."""
     mask = mask.to(device=x.device, dtype=x.dtype)
     return torch.where(mask != 0, x * mask, 0.0)
 
@@ -61,26 +62,31 @@ class SampleSegments:
         return per_sample.index_select(0, self.ids)
 
 
+def concat_samples(tensors: Sequence[Tensor], device: torch.device) -> Tensor:
+    """Per-sample tensors flattened into one on `device` (each moved only if it lives elsewhere); non-empty."""
+    parts = [torch.as_tensor(t).reshape(-1) for t in tensors]
+    if any(part.device != device for part in parts):
+        parts = [part.to(device) for part in parts]
+    return torch.cat(parts)
+
+
 def flat_mask(loss_masks: Sequence[Tensor], like: Tensor) -> Tensor:
     """The per-sample masks concatenated, on `like`'s device and dtype."""
     if not loss_masks:
         return like.new_zeros(0)
-    parts = [m.reshape(-1) for m in loss_masks]
-    if any(part.device != like.device for part in parts):
-        parts = [part.to(like.device) for part in parts]
-    return torch.cat(parts).to(like.dtype)
+    return concat_samples(loss_masks, like.device).to(like.dtype)
 
 
 def reduce_by_sample(x: Tensor, mask: Tensor, segments: SampleSegments, *, per_token: bool = False,
                      denominators: Tensor | None = None) -> Tensor:
     """`sum_of_sample_mean` over flat tensors: `mask` is the flat numerator mask, `denominators` each sample's
     normaliser (default: its number of masked-in tokens, at least 1)."""
-    masked = _masked(x, mask)
+    masked_x = masked(x, mask)
     if per_token:
-        return masked.sum()
+        return masked_x.sum()
     if denominators is None:
         denominators = segments.sums(mask.to(x.dtype)).clamp_min(1)
-    return (segments.sums(masked) / denominators).sum()
+    return (segments.sums(masked_x) / denominators).sum()
 
 
 def sum_of_sample_mean(

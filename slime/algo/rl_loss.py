@@ -40,7 +40,7 @@ from slime.algo.advantages import (
 )
 from slime.algo.kl import compute_approx_kl
 from slime.algo.losses import policy_loss, sft_loss, value_loss, vanilla_tis
-from slime.algo.reduce import SampleSegments, flat_mask, reduce_by_sample
+from slime.algo.reduce import SampleSegments, concat_samples, flat_mask, reduce_by_sample
 from slime.utils.plugins import load_function
 
 EXTREMUM_METRICS = {"tis_min": "min", "tis_max": "max"}
@@ -166,10 +166,7 @@ class _MicroBatch:
                 raise ValueError(f"{name}[{i}] has {torch.as_tensor(x).numel()} tokens but response_lengths[{i}] = {n}")
         if not tensors:
             return torch.zeros(0, device=self.device, dtype=dtype or torch.float32)
-        parts = [torch.as_tensor(x).reshape(-1) for x in tensors]
-        if any(part.device != self.device for part in parts):
-            parts = [part.to(self.device) for part in parts]
-        out = torch.cat(parts)
+        out = concat_samples(tensors, self.device)
         out = out if dtype is None else out.to(dtype)
         return torch.where(self.valid, out, 0.0)
 

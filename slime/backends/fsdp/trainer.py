@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from slime.algo.reduce import flat_mask, get_sum_of_sample_mean
+from slime.algo.reduce import concat_samples, flat_mask, get_sum_of_sample_mean, masked
 from slime.algo.rl_loss import EXTREMUM_METRICS, compute_advantages_from_args, compute_rl_loss
 from slime.rollout.train_data import apply_rollout_data_postprocess
 from slime.backends.fsdp import checkpoint as ckpt
@@ -78,10 +78,10 @@ def _mismatch_sums(log_probs: Any, rollout_log_probs: Any, loss_masks: Any) -> t
     """(sum of |train - rollout| log-prob over loss tokens, number of loss tokens), per-sample tensors in."""
     if not log_probs:
         return 0.0, 0.0
-    lp = torch.cat([t.reshape(-1) for t in log_probs])
-    rollout = torch.cat([t.reshape(-1) for t in rollout_log_probs]).to(lp)
+    lp = concat_samples(log_probs, log_probs[0].device)
+    rollout = concat_samples(rollout_log_probs, lp.device).to(lp.dtype)
     mask = flat_mask(loss_masks, lp)
-    return torch.where(mask != 0, (lp - rollout).abs() * mask, 0.0).sum(), mask.sum()
+    return masked((lp - rollout).abs(), mask).sum(), mask.sum()
 
 
 def _to_host_floats(values: dict[str, Any]) -> dict[str, float]:
