@@ -219,4 +219,7 @@ def _version(name: str) -> str | None:
 
 
 if __name__ == "__main__":
+    from slime.engine.parallel import exit_process
+
     main()
+    exit_process(0)  # with --tp-size > 1: without the NCCL teardown that aborts at exit

@@ -51,6 +51,7 @@ ROW_METRICS = {  # row key -> metric logged by slime.train_loop
     "reward": "rollout/reward_mean", "response_len": "rollout/response_len_mean",
     "trainer_peak_allocated_gb": "perf/trainer_peak_allocated_gb",
     "trainer_peak_reserved_gb": "perf/trainer_peak_reserved_gb", "grad_norm": "train/grad_norm",
+    "engine_busy_s": "time/engine_busy", "engine_steps": "rollout/engine_steps",
 }
 
 
@@ -327,8 +328,8 @@ def summarize(rows: list[dict[str, Any]], tail: int = 3) -> dict[str, Any]:
         "reward_last": rewards[-1] if rewards else None,
         f"reward_last{tail}_mean": round(sum(rewards[-tail:]) / len(rewards[-tail:]), 4) if rewards else None,
     }
-    for key in ("step_s", "rollout_s", "log_prob_s", "train_s", "train_update_s", "weight_sync_s", "onload_s",
-                "offload_s", "rollout_tokens_per_s", "train_tokens_per_s"):
+    for key in ("step_s", "rollout_s", "engine_busy_s", "engine_steps", "log_prob_s", "train_s", "train_update_s",
+                "weight_sync_s", "onload_s", "offload_s", "rollout_tokens_per_s", "train_tokens_per_s"):
         value = _median(rows, key, skip_first=True)
         if value is not None:
             summary[f"median_{key}"] = value

@@ -52,6 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="httpx pools of the client (slime.utils.http_utils; 1 = one pool, as before the fix)")
     parser.add_argument("--grouped", action="store_true",
                         help="one batched /generate per prompt's --samples (the rollout's --rollout-group-requests)")
+    parser.add_argument("--profile", action="store_true",
+                        help="add a cProfile of one more offline run (own time per engine step) under offline_profile")
     parser.add_argument("--out", default=None)
     return parser.parse_args(argv)
 
@@ -106,15 +108,12 @@ def run_offline(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str,
         tokens = sum(len(r["token_ids"]) for r in results)
         if best is None or seconds < best["seconds"]:
             best = {"seconds": seconds, "steps": steps[0], "tokens": tokens}
+    if args.profile:
+        best["profile_top"] = profile_top(lambda: engine.generate(prompts, SamplingParams(**params)), steps)
+        if args.device.startswith("cuda"):
+            best["kernels_top"] = kernels_top(lambda: engine.generate(prompts, SamplingParams(**params)), steps)
+    del engine.step  # the counting wrapper holds the bound method, and so the engine and its KV cache
     engine.close()
-    del engine
-    import gc
-
-    gc.collect()
-    if args.device.startswith("cuda"):
-        import torch
-
-        torch.cuda.empty_cache()  # the server below needs the memory
     return best
 
 
@@ -129,6 +128,41 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def profile_top(run: Any, steps: list[int], limit: int = 30) -> list[dict[str, Any]]:
+    """cProfile of one more offline run: the functions with the most own time, in microseconds per engine step."""
+    import cProfile
+    import pstats
+
+    steps[0] = 0
+    profiler = cProfile.Profile()
+    profiler.runcall(run)
+    stats = pstats.Stats(profiler).stats  # type: ignore[attr-defined]
+    rows = sorted(stats.items(), key=lambda kv: -kv[1][2])[:limit]
+    per_step = max(1, steps[0])
+    return [{"function": f"{Path(file).name}:{line}({name})", "calls_per_step": round(calls / per_step, 2),
+             "own_us_per_step": round(1e6 * own / per_step, 1), "cum_us_per_step": round(1e6 * cum / per_step, 1)}
+            for (file, line, name), (_, calls, own, cum, _) in rows]
+
+
+def kernels_top(run: Any, steps: list[int], limit: int = 15) -> dict[str, Any]:
+    """torch.profiler of one more offline run: GPU time per engine step, and the kernels that take it."""
+    from torch.profiler import ProfilerActivity, profile
+
+    steps[0] = 0
+    started = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        run()
+    wall = time.perf_counter() - started
+    per_step = max(1, steps[0])
+    events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
+    events.sort(key=lambda e: -e.self_device_time_total)
+    gpu_us = sum(e.self_device_time_total for e in events)
+    return {"profiled_wall_ms_per_step": round(1000 * wall / per_step, 3),
+            "gpu_busy_ms_per_step": round(gpu_us / 1000 / per_step, 3),
+            "kernels": [{"name": e.key[:80], "calls_per_step": round(e.count / per_step, 2),
+                         "us_per_step": round(e.self_device_time_total / per_step, 1)} for e in events[:limit]]}
 
 
 def start_server(args: argparse.Namespace, num_seqs: int) -> tuple[subprocess.Popen, str, Any]:
@@ -245,8 +279,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with open(os.path.join(args.model, "config.json")) as f:
         vocab = int(json.load(f)["vocab_size"])
     prompts = make_prompts(args, min(vocab, 250))  # ids the byte-level tokenizer knows
+    server, routed = run_server(args, prompts)  # first: the server's process gives all its GPU memory back
     offline = run_offline(args, prompts)
-    server, routed = run_server(args, prompts)
     off_ms = 1000 * offline["seconds"] / max(1, offline["steps"])
     srv_ms = 1000 * server["seconds"] / max(1, server["steps"])
     result = {
@@ -261,6 +295,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "offline_tokens_per_s": round(offline["tokens"] / offline["seconds"], 1),
         "server_tokens_per_s": round(server["tokens"] / server["seconds"], 1),
     }
+    if "profile_top" in offline:
+        result["offline_profile"] = offline["profile_top"]
+    if "kernels_top" in offline:
+        result["offline_kernels"] = offline["kernels_top"]
     if routed is not None:
         result["router_seconds"] = round(routed["seconds"], 4)
         result["router_steps"] = routed["steps"]

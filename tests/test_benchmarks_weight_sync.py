@@ -32,7 +32,8 @@ def test_weight_sync_smoke(tmp_path):
     assert set(rows) == {"colocated", "colocated_direct", "disaggregated", "disaggregated_direct", "disk"}
     for mode, row in rows.items():
         for key in ("preset", "transport", "seconds", "seconds_all", "bytes", "num_tensors", "num_buckets",
-                    "GBps", "bucket_bytes", "phases_median_s", "logprob_mismatch_before", "logprob_mismatch_after"):
+                    "GBps", "bucket_bytes", "phases_median_s", "logprob_mismatch_before", "logprob_mismatch_after",
+                    "logprob_mismatch_equal_weights"):
             assert key in row, (mode, key)
         assert row["verified"] is True
         assert row["bytes"] > 0 and row["seconds"] > 0 and len(row["seconds_all"]) >= 1

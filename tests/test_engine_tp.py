@@ -299,3 +299,21 @@ def test_server_rejects_bad_tp_size(sharp_tiny_dir):
         assert "--tp-size 3 does not divide" in server.output()
     finally:
         server.stop()
+
+
+def test_exit_process_keeps_the_exit_code_and_the_output_when_a_group_release_is_stuck():
+    import subprocess
+    import sys
+
+    script = ("import threading, time\n"
+              "from slime.engine import parallel\n"
+              "stuck = threading.Thread(target=time.sleep, args=(60,), daemon=True)\n"
+              "stuck.start()\n"
+              "parallel._STUCK_RELEASES.append(stuck)\n"
+              "print('result written', end='')\n"
+              "parallel.exit_process(3)\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert (proc.returncode, proc.stdout) == (3, "result written"), proc.stderr
+    free = subprocess.run([sys.executable, "-c", "from slime.engine import parallel; parallel.exit_process(4)"],
+                          capture_output=True, text=True, timeout=60)
+    assert free.returncode == 4, free.stderr

@@ -61,8 +61,11 @@ def test_tp2_float32_matches_tp1(model_dir, enforce_eager):
     for ref, out in zip(reference, actual, strict=True):
         same = _common_prefix(ref["token_ids"], out["token_ids"])
         assert same >= 16, (ref["token_ids"], out["token_ids"])  # a near-tie may flip a late token (TF32)
+        # Triton's tl.dot rounds float32 inputs to TF32 and tp=2 sums o_proj/down_proj in another order:
+        # 0.0086 and 0.029 at most in two runs on 4xH200 (2026-11-26), late in the 24 tokens; a wrong shard
+        # or a missed all-reduce is off by whole nats
         torch.testing.assert_close(torch.tensor(out["logprobs"][:same]), torch.tensor(ref["logprobs"][:same]),
-                                   atol=5e-3, rtol=0)
+                                   atol=5e-2, rtol=0)
 
 
 def test_tp2_bfloat16_close_to_tp1(model_dir):

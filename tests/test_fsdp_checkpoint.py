@@ -130,3 +130,30 @@ def test_latest_iteration_errors_name_the_load_flag(tmp_path):
     (tmp_path / TRACKER).write_text("7")
     with pytest.raises(ValueError, match="iter_0000007"):
         latest_iteration(tmp_path)
+
+
+def _save_hf_scenario(rank: int, world_size: int, model_dir: str, out: str) -> dict:
+    from slime.backends.fsdp.trainer import FSDPTrainer
+
+    trainer = FSDPTrainer(make_args(model_dir, **COMMON))
+    trainer.init()
+    trainer.save_hf(out)
+    return {}
+
+
+def test_save_hf_keeps_the_source_checkpoint_dtype(tmp_path):
+    """A bf16 source gives a bf16 --save-hf checkpoint (weights and config), not the fp32 master copy: engines
+    load the saved model in its config's dtype, and fp32 decoding is ~4x slower (4xH200, 2026-11-26)."""
+    import json
+
+    from safetensors import safe_open
+
+    from slime.backends.fsdp.checkpoint import source_checkpoint_dtype
+    from tools.make_tiny_model import make_model
+
+    source = make_model("tiny", tmp_path / "bf16", seed=0, dtype="bfloat16")
+    assert source_checkpoint_dtype(source) == torch.bfloat16 and source_checkpoint_dtype(tmp_path / "none") is None
+    run_ranks(_save_hf_scenario, 1, tmp_path, model_dir=str(source), out=str(tmp_path / "hf"))
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["dtype"] == "bfloat16"
+    with safe_open(str(tmp_path / "hf" / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}

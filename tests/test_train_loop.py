@@ -56,6 +56,8 @@ def test_colocated_tensor_sync_respects_interval(ray_module, tiny_model_dir, tas
     assert "eval/heldout" in records[0] and "eval/heldout" in records[2]
     for key in ("rollout/reward_mean", "rollout/truncated_ratio"):
         assert key in records[0], key
+    # the engine's own share of the rollout, from its /get_server_info counters
+    assert records[0]["rollout/engine_steps"] >= 1 and 0 < records[0]["time/engine_busy"] < records[0]["time/rollout"]
     for key in ("train/grad_norm", "time/train", "train/tokens_per_s"):
         assert key in records[1], key
     assert "time/update_weights" in records[1] and "time/update_weights" not in records[0]

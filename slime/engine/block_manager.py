@@ -19,6 +19,7 @@ the batch reads the cache for that layer.
 from __future__ import annotations
 
 from collections import OrderedDict, deque
+from typing import Iterable
 
 from slime.engine.sequence import Sequence
 
@@ -103,6 +104,23 @@ class BlockManager:
     def append_slot(self, seq: Sequence) -> None:
         self._grow(seq, len(seq))
         self._register_full_blocks(seq)
+
+    def append_slots(self, seqs: Iterable[Sequence]) -> bool:
+        """`append_slot` for every sequence when the free blocks cover all of them (one pass, the decode step's
+        common case); False, with nothing changed, when they do not."""
+        seqs = list(seqs)
+        block_size = self.block_size
+        short = [seq for seq in seqs if len(seq.token_ids) > len(seq.block_table) * block_size]
+        needed = sum(self.blocks_needed(len(seq.token_ids)) - len(seq.block_table) for seq in short)
+        if needed > self.num_free_blocks:
+            return False
+        for seq in short:
+            self._grow(seq, len(seq.token_ids))
+        epoch = self.epoch
+        for seq in seqs:
+            if seq.cache_epoch == epoch and len(seq.token_ids) // block_size > len(seq.block_hashes):
+                self._register_full_blocks(seq)
+        return True
 
     def _register_full_blocks(self, seq: Sequence) -> None:
         """Register the full blocks whose K/V the scheduled step writes, so other sequences can share them."""

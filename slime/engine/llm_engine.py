@@ -170,9 +170,10 @@ class LLMEngine:
         token_ids, logprobs = self.runner.run(seqs, is_prefill)
         self.scheduler.postprocess(seqs, token_ids, logprobs)
         for seq, token_id, logprob in zip(seqs, token_ids, logprobs):
-            if seq.is_finished:
+            finished = seq.is_finished
+            if finished:
                 del self.requests[seq.request_id]
-            if seq.is_finished or not seq.quiet:
+            if finished or not seq.quiet:
                 outputs.append(self._output(seq, [token_id], [logprob]))
         return outputs
 

@@ -222,7 +222,8 @@ class ModelRunner:
                                         [s.num_output_tokens for s in seqs], logits.shape[-1], self.device,
                                         self.eos_token_ids)
         tokens, logprobs = self.sampler(logits, tensors)
-        return tokens.tolist(), logprobs.tolist()
+        host = torch.stack((tokens.to(torch.float64), logprobs.to(torch.float64))).cpu()  # one copy, one sync
+        return host[0].long().tolist(), host[1].tolist()
 
     @torch.inference_mode()
     def forward(self, seqs: list[Any], is_prefill: bool) -> torch.Tensor:

@@ -19,10 +19,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import threading
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -59,8 +60,10 @@ class TPInfo:
     def shutdown(self, timeout_s: float = 10.0) -> None:
         """Release the group without waiting on the peers for more than `timeout_s`.
 
-        On 2xH100 (torch 2.11) rank 0's `ProcessGroupNCCL.abort()` hung after its workers had left, so
-        the release runs in a daemon thread: a stuck NCCL teardown costs `timeout_s`, never the server."""
+        On 2xH100 and 4xH200 (torch 2.11) rank 0's `ProcessGroupNCCL.abort()` hung once its workers had left, so
+        the release runs in a daemon thread: a stuck NCCL teardown costs `timeout_s`, never the server. A stuck
+        group then makes the interpreter's exit call std::terminate (exit code 134 after a finished run), which
+        `exit_process` avoids."""
         group, self.process_group, self.store = self.process_group, None, None
         if group is None:
             return
@@ -78,8 +81,22 @@ class TPInfo:
         releaser.start()
         releaser.join(timeout_s)
         if releaser.is_alive():
+            _STUCK_RELEASES.append(releaser)
             logger.warning("the tensor-parallel group did not shut down within %.0fs; leaving it to process exit",
                            timeout_s)
+
+
+_STUCK_RELEASES: list[threading.Thread] = []
+
+
+def exit_process(code: int) -> NoReturn:
+    """`sys.exit(code)`, or, when a group's release is stuck (`TPInfo.shutdown`), flush and `os._exit(code)`,
+    skipping the interpreter's teardown that would abort the process."""
+    if not any(thread.is_alive() for thread in _STUCK_RELEASES):
+        sys.exit(code)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def create_tp_store(size: int) -> Any:

@@ -115,11 +115,13 @@ class SamplingTensors:
             suppressed_ids = tensor([ids + [0] * (width - len(ids)) for ids in suppressed], torch.int64)
             suppressed_bias = tensor([[float("-inf")] * len(ids) + [0.0] * (width - len(ids)) for ids in suppressed],
                                      torch.float32)
+        # two host-to-device copies per step: the float fields in one tensor, the integer fields in another
+        floats = tensor([[1.0 if g else p.temperature for p, g in zip(params, greedy)], [p.top_p for p in params],
+                         [p.min_p for p in params]], torch.float32)
+        ints = tensor([greedy, top_k, [s & ((1 << 63) - 1) for s in seeds], positions], torch.int64)
         return cls(
-            temperatures=tensor([1.0 if g else p.temperature for p, g in zip(params, greedy)], torch.float32),
-            greedy=tensor(greedy, torch.bool), top_k=tensor(top_k, torch.int64),
-            top_p=tensor([p.top_p for p in params], torch.float32), min_p=tensor([p.min_p for p in params], torch.float32),
-            seeds=tensor([s & ((1 << 63) - 1) for s in seeds], torch.int64), positions=tensor(positions, torch.int64),
+            temperatures=floats[0], greedy=ints[0] != 0, top_k=ints[1], top_p=floats[1], min_p=floats[2],
+            seeds=ints[2], positions=ints[3],
             all_greedy=all(greedy),
             needs_top_k=any(k < vocab_size and not g for k, g in zip(top_k, greedy)),
             needs_top_p=any(p.top_p < 1.0 and not g for p, g in zip(params, greedy)),

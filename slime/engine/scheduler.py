@@ -90,6 +90,8 @@ class Scheduler:
         return scheduled
 
     def _schedule_decode(self) -> list[Sequence]:
+        if self.block_manager.append_slots(self.running):
+            return list(self.running)
         scheduled: list[Sequence] = []
         while self.running:
             seq = self.running.popleft()
@@ -114,22 +116,39 @@ class Scheduler:
 
     def postprocess(self, seqs: list[Sequence], token_ids: list[int], logprobs: list[float]) -> None:
         """Append each sampled token and finish sequences that hit a stop condition."""
+        finished = []
         for seq, token_id, logprob in zip(seqs, token_ids, logprobs, strict=True):
-            seq.num_computed_tokens = len(seq)
-            seq.append_token(token_id, logprob)
+            tokens = seq.token_ids
+            seq.num_computed_tokens = len(tokens)
+            tokens.append(token_id)
+            seq.output_logprobs.append(logprob)
             reason = self._finish_reason(seq, token_id)
             if reason is not None:
+                finished.append((seq, reason))
+        ended_running = False
+        for seq, reason in finished:
+            if seq.status == SequenceStatus.RUNNING:  # as `finish`, but the running queue is filtered once
+                self.block_manager.deallocate(seq)
+                seq.status, seq.finish_reason = SequenceStatus.FINISHED, reason
+                ended_running = True
+            else:
                 self.finish(seq, reason)
+        if ended_running:
+            kept = [seq for seq in self.running if seq.status != SequenceStatus.FINISHED]
+            self.running.clear()
+            self.running.extend(kept)
 
     def _finish_reason(self, seq: Sequence, token_id: int) -> dict | None:
         params = seq.params
-        if seq.num_output_tokens >= params.max_new_tokens:
+        length = len(seq.token_ids)
+        num_output = length - seq.num_prompt_tokens
+        if num_output >= params.max_new_tokens:
             return {"type": "length", "length": params.max_new_tokens}
-        may_stop = not params.ignore_eos and seq.num_output_tokens > params.min_new_tokens
+        may_stop = not params.ignore_eos and num_output > params.min_new_tokens
         if may_stop and (token_id in self.eos_token_ids or token_id in params.stop_token_ids):
             return {"type": "stop", "matched": token_id}
-        if len(seq) >= self.max_seq_len:
-            return {"type": "length", "length": seq.num_output_tokens}
+        if length >= self.max_seq_len:
+            return {"type": "length", "length": num_output}
         return None
 
     def finish(self, seq: Sequence, reason: dict) -> None:

@@ -548,7 +548,9 @@ def run_server(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    sys.exit(run_server(sys.argv[1:] if argv is None else argv))
+    from slime.engine.parallel import exit_process
+
+    exit_process(run_server(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":

@@ -62,6 +62,16 @@ def _flatten(groups: list[list[Sample]] | list[Sample]) -> list[Sample]:
     return flat
 
 
+def _engine_metrics(before: dict[str, tuple[int, float]], after: dict[str, tuple[int, float]]) -> dict[str, float]:
+    """The busiest engine's steps and seconds inside `engine.step()` during one rollout: with `time/rollout` it
+    splits the rollout into engine time and the rest (HTTP, rollout function, reward, host work between steps)."""
+    deltas = [(after[url][0] - before[url][0], after[url][1] - before[url][1]) for url in after if url in before]
+    if not deltas:
+        return {}
+    steps, seconds = max(deltas, key=lambda d: d[1])
+    return {"rollout/engine_steps": float(steps), "time/engine_busy": seconds}
+
+
 def debug_rollout_path(template: str, rollout_id: int) -> Path:
     try:
         return Path(template.format(rollout_id=rollout_id))
@@ -324,6 +334,7 @@ class RolloutManager:
         from slime.rollout.train_data import samples_to_train_data
 
         args = self.args
+        counters = self._engine_counters()
         start = time.perf_counter()
         extra_metrics: dict[str, Any] = {}
         if getattr(args, "load_debug_rollout_data", None):
@@ -340,12 +351,25 @@ class RolloutManager:
         if sft:  # SFT samples carry no reward; their "generation" is tokenisation
             metrics = {k: v for k, v in metrics.items() if "reward" not in k}
         metrics["time/rollout"] = seconds
+        metrics.update(_engine_metrics(counters, self._engine_counters()))
         metrics.update({k: float(v) for k, v in extra_metrics.items() if isinstance(v, (int, float))})
         if call_rollout_log_function(args, rollout_id, samples, extra_metrics, seconds):
             metrics = {k: v for k, v in metrics.items() if k.startswith("time/")}  # the plugin logged them itself
         if getattr(args, "debug_rollout_only", False):
             return {}, metrics
         return samples_to_train_data(args, samples), metrics
+
+    def _engine_counters(self) -> dict[str, tuple[int, float]]:
+        """Each built-in engine's (decode + prefill steps, seconds inside its steps) so far, from /get_server_info;
+        engines that do not report them (SGLang) or do not answer are left out."""
+        counters = {}
+        for url in self.engine_urls:
+            try:
+                state = httpx.get(f"{url}/get_server_info", timeout=5).json()["internal_states"][0]
+                counters[url] = (int(state["num_steps"]), float(state["step_seconds"]))
+            except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError):
+                continue
+        return counters
 
     def eval(self, rollout_id: int) -> dict[str, float]:
         from slime.rollout.base_types import split_eval_output

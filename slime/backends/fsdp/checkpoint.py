@@ -16,6 +16,8 @@ and the previous checkpoint and tracker stay as they were.
 
 from __future__ import annotations
 
+import copy
+import json
 import os
 import random
 import shutil
@@ -190,24 +192,50 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=options)
 
 
+def _as_dtype(value: Any) -> torch.dtype:
+    if isinstance(value, torch.dtype):
+        return value
+    if isinstance(value, str) and isinstance(getattr(torch, value.replace("torch.", ""), None), torch.dtype):
+        return getattr(torch, value.replace("torch.", ""))
+    return torch.float32
+
+
+def source_checkpoint_dtype(source_dir: str | os.PathLike | None) -> torch.dtype | None:
+    """The dtype `config.json` in `source_dir` declares (`dtype`, or the older `torch_dtype`; a multimodal
+    config's `text_config` too); None when there is no such file or field."""
+    if not source_dir:
+        return None
+    try:
+        config = json.loads((Path(source_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    for section in (config, config.get("text_config") or {}):
+        value = section.get("dtype") or section.get("torch_dtype")
+        if value:
+            return _as_dtype(value)
+    return None
+
+
 def save_hf_checkpoint(path: str | os.PathLike, model: nn.Module, hf_model: nn.Module, source_dir: str | None,
                        name_map=lambda n: n) -> None:
     """Write a checkpoint that AutoModelForCausalLM.from_pretrained loads (collective; rank 0 writes).
 
-    Weights are cast to the dtype of the source config; tokenizer files are copied from `source_dir`."""
+    Weights and config are in the dtype of the checkpoint in `source_dir` (a bf16 model stays bf16; the
+    trainer's fp32 master copy would double the size and make the engines that load it decode in fp32);
+    tokenizer files are copied from `source_dir`."""
     state = full_state_dict(model)
     if dist.get_rank() == 0:
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)
-        dtype = getattr(hf_model.config, "dtype", None) or torch.float32
-        if isinstance(dtype, str):
-            dtype = getattr(torch, dtype)
+        dtype = source_checkpoint_dtype(source_dir) or _as_dtype(getattr(hf_model.config, "dtype", None))
         hf_state = {name_map(k): v.to(dtype) for k, v in state.items()}
         if getattr(hf_model.config, "tie_word_embeddings", False):
             hf_state.pop("lm_head.weight", None)
         from safetensors.torch import save_file
 
-        hf_model.config.save_pretrained(str(out))
+        config = copy.deepcopy(hf_model.config)
+        config.dtype = dtype  # from_pretrained in fp32 rewrote it
+        config.save_pretrained(str(out))
         if getattr(hf_model, "generation_config", None) is not None:
             hf_model.generation_config.save_pretrained(str(out))
         save_file({k: v.contiguous() for k, v in hf_state.items()}, str(out / "model.safetensors"),
