@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
 import shutil
 import statistics
@@ -260,7 +261,9 @@ class GpuMemoryPoller:
 def run_sft(o: argparse.Namespace, workdir: Path, data: dict[str, Path]) -> tuple[Path, dict[str, Any]]:
     from slime.train_loop import parse_train_args, run
 
-    base = _tiny_model_tool().make_model(o.preset, workdir / "base_model", seed=o.seed)
+    # bf16 on GPU like the real checkpoints (the SFT model keeps it, and the engines decode in it); fp32 on CPU
+    dtype = "bfloat16" if gpu_names() else "float32"
+    base = _tiny_model_tool().make_model(o.preset, workdir / "base_model", seed=o.seed, dtype=dtype)
     start = time.perf_counter()
     summary = run(parse_train_args(sft_argv(o, base, data, workdir)))
     info = {"seconds": round(time.perf_counter() - start, 1), "steps": o.sft_steps,
@@ -398,6 +401,8 @@ def benchmark(o: argparse.Namespace) -> dict[str, Any]:
                 print(f"[rl_step] SFT warm-up: {o.sft_steps} steps of {o.sft_batch_size}", flush=True)
                 model, result["sft"] = run_sft(o, workdir, data)
                 result["sft"]["model"] = str(model)
+            # the engines load the checkpoint in this dtype (on GPU): fp32 here would make every decode step slow
+            result["sft"]["checkpoint_dtype"] = json.loads((model / "config.json").read_text()).get("dtype")
             print(f"[rl_step] GRPO ({o.mode}): {o.num_steps} steps of {o.rollout_batch_size}x{o.n_samples_per_prompt}",
                   flush=True)
             rows, timing = run_grpo(o, model, data, workdir, poller)

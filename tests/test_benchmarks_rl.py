@@ -32,6 +32,7 @@ def _script(name: str, *argv: str) -> None:
 def check_rl_step(result: dict, mode: str = "colocated") -> None:
     assert result["benchmark"] == "rl_step" and result["settings"]["mode"] == mode
     assert result["sft"]["steps"] == 2 and Path(result["sft"]["model"], "config.json").exists()
+    assert result["sft"]["checkpoint_dtype"] == "float32"  # CPU; bfloat16 where GPUs are (as the base model)
     rows = result["rows"]
     assert [r["step"] for r in rows] == [0, 1]
     for row in rows:
@@ -43,6 +44,7 @@ def check_rl_step(result: dict, mode: str = "colocated") -> None:
         # one optimizer step per rollout: the old-log-prob forward is skipped (FSDPTrainer._old_log_probs_are_current)
         assert row["log_prob_s"] == 0.0 and row["train_update_s"] == row["train_s"]
         assert 0.0 <= row["reward"] <= 1.0
+        assert 0.0 < row["engine_busy_s"] < row["rollout_s"] and row["engine_steps"] >= 1
     summary = result["summary"]
     assert summary["steps"] == 2 and summary["median_step_s"] > 0 and summary["total_step_seconds"] > 0
     assert summary["reward_first"] is not None and summary["reward_last"] is not None
