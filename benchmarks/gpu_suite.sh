@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# bash benchmarks/gpu_suite.sh OUT_DIR PART [SECONDS]    # PART 1|2|3 on a 2-GPU host, 4 on a 4-GPU host
+# bash benchmarks/gpu_suite.sh OUT_DIR PART [SECONDS]    # PART 1|2|3 on a 2-GPU host; 4, A, B, C, D on a 4-GPU host
 #
-# The GPU checks and benchmarks of issues 9 and 10 as three calls of a 2-GPU machine (and one of a 4-GPU one),
+# The GPU checks and benchmarks of issues 9 and 10 as three calls of a 2-GPU machine and one of a 4-GPU one, or
+# two calls (A, B) of a 4-GPU one; C and D re-run the checks that failed in the first 4xH200 pass (2026-11-26),
 # each within SECONDS (default 540) of wall time; every JSON and log ends up in OUT_DIR/results_PART.tgz, a summary
 # on stdout. Each part stands alone (a machine's /tmp does not outlive it).
 #   PART 1  GPU 0     vs_trl: slime colocated (rl_step, per-layer compiled training, 8k-token micro-batches,
@@ -15,10 +16,10 @@
 #   PART 3  GPUs 0,1  rl_step --mode disaggregated (1 trainer + 1 engine, NCCL), then train_throughput 4B with
 #                     FSDP over 2 GPUs (eager vs per-layer compiled)
 #   PART 4  (4 GPUs)  train_throughput 4B FSDP over 4 GPUs (eager vs per-layer compiled), rl_step --mode fsdp4
-#   PART A  (4 GPUs)  parts 1 and 2 side by side (GPU 0, GPU 1, GPUs 2,3), then rl_step --mode disaggregated on 2,3
-#   PART C  (4 GPUs)  parts 1 and 2 without vs_trl (GPU 1, GPUs 2,3)
+#   PART A  (4 GPUs)  parts 1 and 2 side by side (GPU 0, GPU 1, GPUs 2,3), then rl_step --mode disaggregated on 1,2
+#   PART B  (4 GPUs)  part 4, then (B_DISAGG=1) the disaggregated step on 0,1 beside part 3's training on 2,3
+#   PART C  (4 GPUs)  parts 1 and 2 without vs_trl and loss_overhead, in about 300 s
 #   PART D  (4 GPUs)  vs_trl (GPU 0), server_overhead (GPU 1), the tensor-parallel tests and throughput (GPUs 2,3)
-#   PART B  (4 GPUs)  part 4, then the 2-GPU jobs of part 3 side by side (0,1 and 2,3)
 # Jobs run under timeouts that leave time to pack the results; each Ray user starts its own instance.
 # Ray, fastapi, uvicorn, trl, ... must be importable (docs/gpu_runs.md: how to carry them as wheels).
 set -u
