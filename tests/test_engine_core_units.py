@@ -163,3 +163,14 @@ def test_logprobs_are_untruncated_and_greedy_rows_use_temperature_one():
     for row, temperature in enumerate([1.0, 0.5, 2.0]):
         expected = torch.log_softmax(logits[row] / temperature, -1)[tokens[row]]
         torch.testing.assert_close(logprobs[row], expected)
+
+
+def test_auto_dtype_is_float32_on_cpu_and_never_float32_on_gpu(tiny_model_dir):
+    from slime.engine.config import EngineConfig
+
+    gpu, cpu = EngineConfig(str(tiny_model_dir), device="cuda"), EngineConfig(str(tiny_model_dir), device="cpu")
+    assert [cpu.resolve_dtype(d) for d in ("bfloat16", torch.float16, None)] == [torch.float32] * 3
+    assert [gpu.resolve_dtype(d) for d in ("bfloat16", "torch.float16", torch.float32, "float32", None)] == [
+        torch.bfloat16, torch.float16, torch.bfloat16, torch.bfloat16, torch.bfloat16]
+    explicit = EngineConfig(str(tiny_model_dir), device="cuda", dtype="float32")
+    assert explicit.resolve_dtype("bfloat16") == torch.float32 and explicit.resolve_dtype("float32") == torch.float32

@@ -156,4 +156,4 @@ def test_save_hf_keeps_the_source_checkpoint_dtype(tmp_path):
     run_ranks(_save_hf_scenario, 1, tmp_path, model_dir=str(source), out=str(tmp_path / "hf"))
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["dtype"] == "bfloat16"
     with safe_open(str(tmp_path / "hf" / "model.safetensors"), "pt") as f:
-        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}  # noqa: SIM118 (safe_open has no __iter__)

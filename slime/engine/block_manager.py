@@ -19,7 +19,7 @@ the batch reads the cache for that layer.
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from typing import Iterable
+from collections.abc import Iterable
 
 from slime.engine.sequence import Sequence
 

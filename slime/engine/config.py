@@ -27,7 +27,7 @@ DEFAULT_CPU_KV_CACHE_BYTES = 2 * 2**30  # the CPU default shrinks for big models
 @dataclass
 class EngineConfig:
     model_path: str
-    dtype: str | None = None  # None / "auto": float32 on CPU, the checkpoint's dtype on GPU
+    dtype: str | None = None  # None / "auto": float32 on CPU; on GPU the checkpoint's, bf16 for an fp32 one
     device: str = "cpu"
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192
@@ -64,13 +64,16 @@ class EngineConfig:
         check_tp_size(self.model_path, self.tp_size, self.device)
 
     def resolve_dtype(self, checkpoint_dtype: str | torch.dtype | None) -> torch.dtype:
-        """Explicit --dtype wins; otherwise float32 on CPU (exact) and the checkpoint's dtype on GPU."""
+        """Explicit --dtype wins; otherwise float32 on CPU (exact), and on GPU the checkpoint's dtype except
+        float32, which decodes in bfloat16 (SGLang and vLLM also never run `auto` in fp32: an fp32 decode step
+        of Qwen3-0.6B at batch 256 took 14 ms against 3.9 ms in bf16 on an H200). `--dtype float32` keeps fp32."""
         if self.dtype not in (None, "auto"):
             return DTYPES[self.dtype]
         if self.device == "cpu":
             return torch.float32
+        resolved = torch.bfloat16
         if isinstance(checkpoint_dtype, torch.dtype):
-            return checkpoint_dtype
-        if isinstance(checkpoint_dtype, str) and checkpoint_dtype.replace("torch.", "") in DTYPES:
-            return DTYPES[checkpoint_dtype.replace("torch.", "")]
-        return torch.bfloat16
+            resolved = checkpoint_dtype
+        elif isinstance(checkpoint_dtype, str) and checkpoint_dtype.replace("torch.", "") in DTYPES:
+            resolved = DTYPES[checkpoint_dtype.replace("torch.", "")]
+        return torch.bfloat16 if resolved == torch.float32 else resolved

@@ -17,7 +17,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tokenizer-path", default=None, help="Tokenizer directory (default: --model-path).")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=30000)
-    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16.")
+    parser.add_argument("--dtype", default="auto", help="auto (CPU: float32; GPU: the checkpoint's, bfloat16 for a "
+                        "float32 one), float32, bfloat16 or float16.")
     parser.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available).")
     parser.add_argument("--mem-fraction-static", type=float, default=None)
     parser.add_argument("--context-length", type=int, default=None)

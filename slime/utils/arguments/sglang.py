@@ -17,7 +17,8 @@ PREFIX = "--sglang-"
 ENGINE_FLAGS: dict[str, tuple[Any, str]] = {
     "mem-fraction-static": (float, "Fraction of accelerator memory for weights + KV cache."),
     "context-length": (int, "Longest sequence the engine accepts (default: the model's)."),
-    "dtype": (str, "Weight/activation dtype: auto, float32, float16, bfloat16."),
+    "dtype": (str, ("Weight/activation dtype: auto (CPU: float32; GPU: the checkpoint's, bfloat16 for a float32 "
+                    "one), float32, float16, bfloat16.")),
     "max-running-requests": (int, "Most requests decoded at once."),
     "max-total-tokens": (int, "KV-cache size in tokens."),
     "max-prefill-tokens": (int, "Most tokens in one prefill batch."),
