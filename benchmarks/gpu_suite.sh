@@ -19,7 +19,8 @@
 #   PART A  (4 GPUs)  parts 1 and 2 side by side (GPU 0, GPU 1, GPUs 2,3), then rl_step --mode disaggregated on 1,2
 #   PART B  (4 GPUs)  part 4, then (B_DISAGG=1) the disaggregated step on 0,1 beside part 3's training on 2,3
 #   PART C  (4 GPUs)  parts 1 and 2 without vs_trl and loss_overhead, in about 300 s
-#   PART D  (4 GPUs)  vs_trl (GPU 0), server_overhead (GPU 1), the tensor-parallel tests and throughput (GPUs 2,3)
+#   PART D  (4 GPUs)  vs_trl (GPU 0), server_overhead without and with --enable-overlap-schedule (GPU 1), the
+#                     tensor-parallel tests and throughput (GPUs 2,3)
 # Jobs run under timeouts that leave time to pack the results; each Ray user starts its own instance.
 # Ray, fastapi, uvicorn, trl, ... must be importable (docs/gpu_runs.md: how to carry them as wheels).
 set -u
@@ -110,9 +111,12 @@ case "$PART" in
   D) vs_trl_lane 0 &  # the final vs_trl, the engine's step overhead, the tensor-parallel checks with tracebacks
      ( python tools/make_tiny_model.py --preset qwen3-0.6b --output $MODELS/q06_1 --dtype bfloat16 \
            > "$RES/make_q06_1.log" 2>&1
-       job server_overhead_grouped 1 20 python benchmarks/server_overhead.py --device cuda --model $MODELS/q06_1 \
+       job server_overhead_grouped 1 200 python benchmarks/server_overhead.py --device cuda --model $MODELS/q06_1 \
            --num-prompts 32 --samples 8 --max-new-tokens 128 --mem-fraction-static 0.3 --grouped --profile \
-           --out "$RES/server_overhead_grouped.json" ) &
+           --out "$RES/server_overhead_grouped.json"
+       job server_overhead_overlap 1 20 python benchmarks/server_overhead.py --device cuda --model $MODELS/q06_1 \
+           --num-prompts 32 --samples 8 --max-new-tokens 128 --mem-fraction-static 0.3 --grouped \
+           --server-args=--enable-overlap-schedule --out "$RES/server_overhead_overlap.json" ) &
      ( job tp_tests 2,3 150 python -m pytest -v -x --tb=short --timeout 150 -o faulthandler_timeout=140 \
            tests/test_engine_tp_gpu.py
        python tools/make_tiny_model.py --preset qwen3-0.6b --output $MODELS/q06 --dtype bfloat16 > "$RES/make_q06.log" 2>&1

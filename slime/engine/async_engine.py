@@ -316,6 +316,15 @@ class AsyncEngine:
             except Exception:  # noqa: BLE001
                 logger.exception("closing the engine failed")
 
+    def _settle(self) -> None:
+        """Overlap scheduling: the decode step in flight lands (and its outputs go out) before a command runs."""
+        if getattr(self.engine, "overlap", None) is None:
+            return
+        self.engine.settle()
+        landed, self.engine.pending_outputs = self.engine.pending_outputs, []
+        if landed:
+            self._loop.call_soon_threadsafe(self._dispatch, landed, self.weight_version)
+
     def _drain_commands(self, block: bool) -> bool:
         """Run queued commands; False once shutdown was requested."""
         try:
@@ -328,6 +337,7 @@ class AsyncEngine:
             fn, future = item
             if future.set_running_or_notify_cancel():
                 try:
+                    self._settle()
                     future.set_result(fn(self.engine))
                 except BaseException as e:
                     future.set_exception(e)

@@ -38,6 +38,7 @@ class EngineConfig:
     seed: int = 0
     enforce_eager: bool = False
     tp_size: int = 1
+    overlap_schedule: bool = False  # enqueue decode step N+1 before step N's tokens reach the host (overlap.py)
 
     def __post_init__(self) -> None:
         if not os.path.isdir(self.model_path):
@@ -62,6 +63,9 @@ class EngineConfig:
         from slime.engine.parallel import check_tp_size
 
         check_tp_size(self.model_path, self.tp_size, self.device)
+        if self.overlap_schedule and self.tp_size != 1:
+            raise ValueError("--enable-overlap-schedule needs --tp-size 1 (the tensor-parallel workers take their "
+                             "input tokens from the host)")
 
     def resolve_dtype(self, checkpoint_dtype: str | torch.dtype | None) -> torch.dtype:
         """Explicit --dtype wins; otherwise float32 on CPU (exact), and on GPU the checkpoint's dtype except

@@ -152,9 +152,12 @@ class DecodeGraphRunner:
         self.block_tables[:, :width].copy_(self.host_tables[:, :width], non_blocking=True)
         return size
 
-    def run(self, seqs: Seq[Any], block_size: int) -> torch.Tensor:
-        """Replay the decode step for `seqs` (engine `Sequence`s whose last token is new); logits [len, vocab]."""
+    def run(self, seqs: Seq[Any], block_size: int, last_token_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Replay the decode step for `seqs` (engine `Sequence`s whose last token is new); logits [len, vocab].
+        `last_token_ids` (on the device) replaces the last tokens the host holds (overlap scheduling)."""
         assert self.captured, "capture() first"
         size = self.load_inputs(seqs, block_size)
+        if last_token_ids is not None:  # after the rows' host-to-device copy, on the same stream
+            self.input_ids[:len(seqs)].copy_(last_token_ids)
         self.graphs[size].replay()
         return self.logits[size][:len(seqs)]

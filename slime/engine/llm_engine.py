@@ -30,6 +30,7 @@ from slime.engine.block_manager import BlockManager
 from slime.engine.config import EngineConfig
 from slime.engine.model_runner import ModelRunner
 from slime.engine.outputs import TokenOutput
+from slime.engine.overlap import OverlapStepper
 from slime.engine.sampling_params import SamplingParams
 from slime.engine.scheduler import Scheduler
 from slime.engine.sequence import Sequence, SequenceStatus
@@ -88,6 +89,7 @@ class LLMEngine:
         self.requests: dict[str, Sequence] = {}
         self.pending_outputs: list[TokenOutput] = []
         self.kv_cache_released = False
+        self.overlap = OverlapStepper(self) if config.overlap_schedule else None
 
     # ---- requests -------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
@@ -125,6 +127,7 @@ class LLMEngine:
         self.scheduler.add(seq)
 
     def abort_request(self, request_id: str) -> bool:
+        self.settle()
         seq = self.requests.pop(request_id, None)
         if seq is None:
             return False
@@ -158,24 +161,44 @@ class LLMEngine:
 
     # ---- the loop -------------------------------------------------------------------------------
     def step(self) -> list[TokenOutput]:
+        if self.overlap is not None:
+            return self.overlap.step()
         outputs, self.pending_outputs = self.pending_outputs, []
         if not self.scheduler.has_unfinished():
             return outputs
+        seqs, is_prefill = self.schedule()
+        return outputs + self.run_batch(seqs, is_prefill)
+
+    def schedule(self) -> tuple[list[Sequence], bool]:
         if self.kv_cache_released or self.runner.weights_offloaded:
             raise RuntimeError("engine memory is released; call resume_memory() before step()")
         seqs, is_prefill = self.scheduler.schedule()
         if not seqs:  # add_request's capacity checks make this unreachable; fail loudly rather than spin
             raise RuntimeError(f"scheduler made no progress with {len(self.scheduler.waiting)} waiting requests "
                                f"and {self.block_manager.num_free_blocks} free KV blocks")
+        return seqs, is_prefill
+
+    def run_batch(self, seqs: list[Sequence], is_prefill: bool) -> list[TokenOutput]:
+        """Forward one scheduled batch, wait for its tokens, append them; the step's outputs."""
         token_ids, logprobs = self.runner.run(seqs, is_prefill)
         self.scheduler.postprocess(seqs, token_ids, logprobs)
-        for seq, token_id, logprob in zip(seqs, token_ids, logprobs):
+        return self.step_outputs(zip(seqs, token_ids, logprobs))
+
+    def step_outputs(self, results: Iterable[tuple[Sequence, int, float]]) -> list[TokenOutput]:
+        """Outputs of sequences that just got a token: every one, or only finished ones for quiet requests."""
+        outputs = []
+        for seq, token_id, logprob in results:
             finished = seq.is_finished
             if finished:
                 del self.requests[seq.request_id]
             if finished or not seq.quiet:
                 outputs.append(self._output(seq, [token_id], [logprob]))
         return outputs
+
+    def settle(self) -> None:
+        """Apply the decode step in flight (overlap scheduling) before anything changes the engine's state."""
+        if self.overlap is not None:
+            self.overlap.flush()
 
     def _output(self, seq: Sequence, token_ids: list[int], logprobs: list[float]) -> TokenOutput:
         """This step's tokens; a quiet request's (finished) output carries all of them."""
@@ -221,16 +244,19 @@ class LLMEngine:
     # ---- weights and caches ---------------------------------------------------------------------
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy HF-named full tensors (any subset, e.g. one bucket) in place; then forget the prefix cache."""
+        self.settle()
         self.runner.load_weights(named_tensors)
         self.block_manager.reset_prefix_cache()
 
     def load_weights_from_disk(self, path: str) -> None:
         """Every tp rank reads the checkpoint itself and keeps its shard."""
+        self.settle()
         self.runner.load_weights_from_disk(path)
         self.block_manager.reset_prefix_cache()
 
     def load_serialized_weights(self, payloads: list[str]) -> int:
         """`/update_weights_from_tensor`: tp rank r loads payloads[r] (payloads[0] when only one is given)."""
+        self.settle()
         if self.config.tp_size > 1:
             if len(payloads) not in (1, self.config.tp_size):
                 raise ValueError(f"serialized_named_tensors holds {len(payloads)} payloads; expected one per tp rank "
@@ -248,18 +274,21 @@ class LLMEngine:
 
     def close(self) -> None:
         """Stop the tensor-parallel worker processes (nothing to do for tp_size 1); idempotent."""
+        self.settle()
         close = getattr(self.runner, "close", None)
         if close is not None:
             close()
 
     def flush_cache(self) -> bool:
         """Forget the prefix cache; refused (False) while requests are running, as SGLang does."""
+        self.settle()
         if self.requests:
             return False
         self.block_manager.reset_prefix_cache()
         return True
 
     def release_memory(self, tags: list[str] | None = None) -> None:
+        self.settle()
         tags = self._check_tags(tags)
         if self.requests:
             raise RuntimeError(f"cannot release memory with {len(self.requests)} unfinished requests; "

@@ -23,6 +23,7 @@ the other ranks call `forward` (driven by `slime.engine.tp_worker`).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Iterable
 
 import numpy as np
@@ -54,6 +55,17 @@ def _is_triton_attention(attention: AttentionBackend) -> bool:
     from slime.engine.kernels.paged_attention import TritonPagedAttention
 
     return isinstance(attention, TritonPagedAttention)
+
+
+@dataclass
+class InflightDecode:
+    """A decode step enqueued by `ModelRunner.launch_decode`: its batch, the sampled token ids on the device
+    (the next step's inputs), and [tokens; log-probs] on their way to the host (`done` set when they arrived)."""
+
+    seqs: list[Sequence]
+    tokens: torch.Tensor
+    host: torch.Tensor
+    done: Any
 
 
 class ModelRunner:
@@ -226,7 +238,32 @@ class ModelRunner:
         return host[0].long().tolist(), host[1].tolist()
 
     @torch.inference_mode()
-    def forward(self, seqs: list[Any], is_prefill: bool) -> torch.Tensor:
+    def launch_decode(self, seqs: list[Sequence], last_token_ids: torch.Tensor | None) -> "InflightDecode":
+        """Enqueue one decode step without waiting for it (`--enable-overlap-schedule`): `last_token_ids`
+        [len(seqs)] on the device replaces each sequence's last token (a placeholder for the token the previous,
+        still running step samples). `collect` waits for the sampled tokens and log-probs."""
+        logits = self.forward(seqs, is_prefill=False, last_token_ids=last_token_ids)
+        tensors = SamplingTensors.build([s.params for s in seqs], [s.sampling_seed for s in seqs],
+                                        [s.num_output_tokens for s in seqs], logits.shape[-1], self.device,
+                                        self.eos_token_ids)
+        tokens, logprobs = self.sampler(logits, tensors)
+        packed = torch.stack((tokens.to(torch.float64), logprobs.to(torch.float64)))
+        if self.device.type != "cuda":
+            return InflightDecode(seqs, tokens, packed, None)
+        host = torch.empty(packed.shape, dtype=torch.float64, pin_memory=True)
+        host.copy_(packed, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return InflightDecode(seqs, tokens, host, done)
+
+    @staticmethod
+    def collect(step: "InflightDecode") -> tuple[list[int], list[float]]:
+        if step.done is not None:
+            step.done.synchronize()
+        return step.host[0].long().tolist(), step.host[1].tolist()
+
+    @torch.inference_mode()
+    def forward(self, seqs: list[Any], is_prefill: bool, last_token_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [len(seqs), vocab] (tp rank 0), or the last hidden states (other tp ranks). `seqs` need only
         request_id, token_ids, num_computed_tokens, block_table and len() (a `tp_worker.SeqView` will do)."""
         if self.kv_cache is None:
@@ -236,8 +273,11 @@ class ModelRunner:
         if not is_prefill and self.decode_graphs is not None:
             if not self.decode_graphs.captured:
                 self.decode_graphs.capture()
-            logits = self.decode_graphs.run(seqs, self.block_size)
+            logits = self.decode_graphs.run(seqs, self.block_size, last_token_ids)
         else:
             ids, pos, meta, last = self.prepare(seqs, is_prefill)
+            if last_token_ids is not None:
+                assert not is_prefill and ids.shape == last_token_ids.shape
+                ids = last_token_ids
             logits = self.model(ids, pos, meta, last)
         return logits

@@ -54,7 +54,7 @@ class Scheduler:
 
     def schedule(self) -> tuple[list[Sequence], bool]:
         """Returns (sequences, is_prefill); empty when nothing can run."""
-        prefill = self._schedule_prefill() if self._prefill_due() else []
+        prefill = self._schedule_prefill() if self.prefill_due() else []
         if prefill:
             self.num_deferred_steps = 0
             return prefill, True
@@ -62,7 +62,7 @@ class Scheduler:
             self.num_deferred_steps += 1
         return self._schedule_decode(), False
 
-    def _prefill_due(self) -> bool:
+    def prefill_due(self) -> bool:
         if not self.waiting or not self.running or self.prefill_wait_ratio <= 0:
             return bool(self.waiting)
         return (len(self.waiting) >= self.prefill_wait_ratio * len(self.running)
@@ -122,9 +122,13 @@ class Scheduler:
             seq.num_computed_tokens = len(tokens)
             tokens.append(token_id)
             seq.output_logprobs.append(logprob)
-            reason = self._finish_reason(seq, token_id)
+            reason = self.finish_reason(seq, token_id, len(tokens))
             if reason is not None:
                 finished.append((seq, reason))
+        self.finish_all(finished)
+
+    def finish_all(self, finished: list[tuple[Sequence, dict]]) -> None:
+        """`finish` each (sequence, reason); the running queue is filtered once."""
         ended_running = False
         for seq, reason in finished:
             if seq.status == SequenceStatus.RUNNING:  # as `finish`, but the running queue is filtered once
@@ -138,9 +142,9 @@ class Scheduler:
             self.running.clear()
             self.running.extend(kept)
 
-    def _finish_reason(self, seq: Sequence, token_id: int) -> dict | None:
+    def finish_reason(self, seq: Sequence, token_id: int, length: int) -> dict | None:
+        """Why `seq` ends once `token_id` is its token number `length` (prompt included), or None."""
         params = seq.params
-        length = len(seq.token_ids)
         num_output = length - seq.num_prompt_tokens
         if num_output >= params.max_new_tokens:
             return {"type": "length", "length": params.max_new_tokens}

@@ -36,6 +36,7 @@ class Sequence:
         self.num_preemptions = 0
         self.finish_reason: dict[str, Any] | None = None
         self.quiet = quiet  # reported once, when finished, with every output token (LLMEngine.add_request)
+        self.num_pending = 0  # trailing placeholder tokens of decode steps still in flight (overlap scheduling)
 
     def __len__(self) -> int:
         return len(self.token_ids)

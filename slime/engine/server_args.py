@@ -30,6 +30,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--page-size", type=int, default=None, help="Tokens per KV-cache block.")
     parser.add_argument("--random-seed", type=int, default=None)
     parser.add_argument("--disable-cuda-graph", action="store_true")
+    parser.add_argument("--enable-overlap-schedule", action="store_true",
+                        help="enqueue each decode step before the previous one's tokens reach the host (tp 1)")
     parser.add_argument("--skip-server-warmup", action="store_true",
                         help="GPU: do not compile the kernels and capture the decode graphs before serving "
                              "(the first requests then pay for it).")
@@ -79,5 +81,6 @@ def engine_config_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "max_num_seqs": args.max_running_requests, "kv_cache_tokens": args.max_total_tokens,
         "max_num_batched_tokens": prefill, "block_size": args.page_size, "seed": args.random_seed,
         "enforce_eager": args.disable_cuda_graph or None, "tp_size": args.tp_size,
+        "overlap_schedule": args.enable_overlap_schedule or None,
     }
     return {k: v for k, v in kwargs.items() if v is not None}

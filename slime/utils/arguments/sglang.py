@@ -26,6 +26,8 @@ ENGINE_FLAGS: dict[str, tuple[Any, str]] = {
     "page-size": (int, "Tokens per KV-cache block."),
     "random-seed": (int, "Engine sampling seed."),
     "disable-cuda-graph": ("flag", "Run decode eagerly (no CUDA graphs)."),
+    "enable-overlap-schedule": ("flag", "Built-in engine: enqueue each decode step before the previous one's "
+                                        "tokens reach the host (experimental, tp 1)."),
     "cuda-graph-max-bs": (int, "Largest decode batch captured in a CUDA graph."),
     "enable-memory-saver": ("flag", "Allow releasing/resuming weights and KV cache (colocated training)."),
     "disable-radix-cache": ("flag", "Turn off prefix caching."),
