@@ -53,23 +53,31 @@ vs_trl_lane() {  # GPU
       --num-steps "${VS_TRL_STEPS:-16}" --trl-max-seconds "${TRL_MAX_SECONDS:-120}" --rl-step-args "$FAST_ARGS" \
       --out $RES/vs_trl.json --slime-out $RES/rl_step_colocated_fast.json
 }
-one_gpu_lane() {  # GPU
-  job loss_overhead "$1" 400 python benchmarks/loss_overhead.py --device cuda --out $RES/loss_overhead.json
-  python tools/make_tiny_model.py --preset qwen3-0.6b --output $MODELS/q06_1 --dtype bfloat16 > "$RES/make_q06_1.log" 2>&1
-  for form in "" --grouped; do  # host overhead per engine step of the rollout's request shape, on the GPU
-    job "server_overhead${form:+_grouped}" "$1" 300 python benchmarks/server_overhead.py --device cuda \
-        --model $MODELS/q06_1 --num-prompts 32 --samples 8 --max-new-tokens 128 --mem-fraction-static 0.3 $form --profile \
-        --out "$RES/server_overhead${form:+_grouped}.json"
-  done
-  job weight_sync_ipc "$1" 20 python benchmarks/weight_sync.py --presets qwen3-0.6b,qwen3-4b \
+q06() {  # NAME [--device cuda]: a random-weight bf16 checkpoint of Qwen3-0.6B's shape in $MODELS/NAME
+  python tools/make_tiny_model.py --preset qwen3-0.6b --output "$MODELS/$1" --dtype bfloat16 "${@:2}" \
+      > "$RES/make_$1.log" 2>&1
+}
+server_overhead() {  # NAME GPU RESERVE [FLAGS]: host overhead per engine step of the rollout's request shape
+  local name=$1 gpu=$2 reserve=$3; shift 3
+  job "$name" "$gpu" "$reserve" python benchmarks/server_overhead.py --device cuda --model $MODELS/q06_1 \
+      --num-prompts 32 --samples 8 --max-new-tokens 128 --mem-fraction-static 0.3 "$@" --out "$RES/$name.json"
+}
+weight_sync_ipc() {  # GPU RESERVE
+  job weight_sync_ipc "$1" "$2" python benchmarks/weight_sync.py --presets qwen3-0.6b,qwen3-4b \
       --modes colocated,colocated_direct --trainer-gpu 0 --engine-gpu 0 --model-dir $MODELS/ws1 \
       --out $RES/weight_sync_ipc.json
+}
+one_gpu_lane() {  # GPU
+  job loss_overhead "$1" 400 python benchmarks/loss_overhead.py --device cuda --out $RES/loss_overhead.json
+  q06 q06_1
+  server_overhead server_overhead "$1" 300 --profile
+  server_overhead server_overhead_grouped "$1" 300 --grouped --profile
+  weight_sync_ipc "$1" 20
 }
 tp_lane() {  # GPU,GPU RESERVE
   job gpu_tests "$1" "${AFTER_TESTS:-400}" python -m pytest -v -o faulthandler_timeout=100 \
       tests/test_engine_tp_gpu.py tests/test_engine_gpu.py tests/test_fsdp_packed_attention.py
-  python tools/make_tiny_model.py --preset qwen3-0.6b --output $MODELS/q06 --dtype bfloat16 --device cuda \
-      > "$RES/make_q06.log" 2>&1
+  q06 q06 --device cuda
   job engine_tp2 "$1" $(( 120 + $2 )) python benchmarks/engine_throughput.py --model $MODELS/q06 --tp-size 2 \
       --hf-num-seqs 0 --output $RES/engine_throughput_tp2.json
   job weight_sync "$1" $(( 20 + $2 )) python benchmarks/weight_sync.py --presets qwen3-0.6b,qwen3-4b \
@@ -97,29 +105,18 @@ case "$PART" in
      AFTER_TESTS=${AFTER_TESTS:-380} tp_lane 2,3 200 & lane23=$!
      wait $lane1 $lane23; rl_disagg 1,2 20; wait ;;
   C) (  # parts 1 and 2 without vs_trl and loss_overhead, in about 300 s
-       python tools/make_tiny_model.py --preset qwen3-0.6b --output $MODELS/q06_1 --dtype bfloat16 \
-           > "$RES/make_q06_1.log" 2>&1
-       for form in --grouped ""; do
-         job "server_overhead${form:+_grouped}" 0 60 python benchmarks/server_overhead.py --device cuda \
-             --model $MODELS/q06_1 --num-prompts 32 --samples 8 --max-new-tokens 128 --mem-fraction-static 0.3 \
-             $form --profile --out "$RES/server_overhead${form:+_grouped}.json"
-       done ) &
-     job weight_sync_ipc 1 20 python benchmarks/weight_sync.py --presets qwen3-0.6b,qwen3-4b \
-         --modes colocated,colocated_direct --trainer-gpu 0 --engine-gpu 0 --model-dir $MODELS/ws1 \
-         --out $RES/weight_sync_ipc.json &
+       q06 q06_1
+       server_overhead server_overhead_grouped 0 60 --grouped --profile
+       server_overhead server_overhead 0 60 --profile ) &
+     weight_sync_ipc 1 20 &
      AFTER_TESTS=${AFTER_TESTS:-130} tp_lane 2,3 0 & wait ;;
   D) vs_trl_lane 0 &  # the final vs_trl, the engine's step overhead, the tensor-parallel checks with tracebacks
-     ( python tools/make_tiny_model.py --preset qwen3-0.6b --output $MODELS/q06_1 --dtype bfloat16 \
-           > "$RES/make_q06_1.log" 2>&1
-       job server_overhead_grouped 1 200 python benchmarks/server_overhead.py --device cuda --model $MODELS/q06_1 \
-           --num-prompts 32 --samples 8 --max-new-tokens 128 --mem-fraction-static 0.3 --grouped --profile \
-           --out "$RES/server_overhead_grouped.json"
-       job server_overhead_overlap 1 20 python benchmarks/server_overhead.py --device cuda --model $MODELS/q06_1 \
-           --num-prompts 32 --samples 8 --max-new-tokens 128 --mem-fraction-static 0.3 --grouped \
-           --server-args=--enable-overlap-schedule --out "$RES/server_overhead_overlap.json" ) &
+     ( q06 q06_1
+       server_overhead server_overhead_grouped 1 200 --grouped --profile
+       server_overhead server_overhead_overlap 1 20 --grouped --server-args=--enable-overlap-schedule ) &
      ( job tp_tests 2,3 150 python -m pytest -v -x --tb=short --timeout 150 -o faulthandler_timeout=140 \
            tests/test_engine_tp_gpu.py
-       python tools/make_tiny_model.py --preset qwen3-0.6b --output $MODELS/q06 --dtype bfloat16 > "$RES/make_q06.log" 2>&1
+       q06 q06
        job engine_tp2 2,3 60 python benchmarks/engine_throughput.py --model $MODELS/q06 --tp-size 2 --hf-num-seqs 0 \
            --output $RES/engine_throughput_tp2.json
        job gpu_tests 2 20 python -m pytest -v --tb=short --timeout 120 tests/test_engine_gpu.py \

@@ -118,16 +118,19 @@ class BlockManager:
             self._grow(seq, len(seq.token_ids))
         epoch = self.epoch
         for seq in seqs:
-            if seq.cache_epoch == epoch and (len(seq.token_ids) - seq.num_pending) // block_size > len(seq.block_hashes):
+            if seq.cache_epoch == epoch and self._num_full_blocks(seq) > len(seq.block_hashes):
                 self._register_full_blocks(seq)
         return True
+
+    def _num_full_blocks(self, seq: Sequence) -> int:
+        """Blocks full of known tokens (overlap scheduling's trailing placeholders are not content)."""
+        return (len(seq.token_ids) - seq.num_pending) // self.block_size
 
     def _register_full_blocks(self, seq: Sequence) -> None:
         """Register the full blocks whose K/V the scheduled step writes, so other sequences can share them."""
         if seq.cache_epoch != self.epoch:
             return
-        num_full = (len(seq) - seq.num_pending) // self.block_size  # placeholders are not content
-        for index in range(len(seq.block_hashes), num_full):
+        for index in range(len(seq.block_hashes), self._num_full_blocks(seq)):
             tokens = seq.block_tokens(index, self.block_size)
             prev = seq.block_hashes[-1] if seq.block_hashes else -1
             block_hash = chain_hash(prev, tokens)

@@ -58,9 +58,10 @@ def _is_triton_attention(attention: AttentionBackend) -> bool:
 
 
 @dataclass
-class InflightDecode:
-    """A decode step enqueued by `ModelRunner.launch_decode`: its batch, the sampled token ids on the device
-    (the next step's inputs), and [tokens; log-probs] on their way to the host (`done` set when they arrived)."""
+class InflightStep:
+    """A step enqueued by `ModelRunner.launch`: its batch, the sampled token ids on the device (the next decode
+    step's inputs under overlap scheduling), and [tokens; log-probs] on their way to the host (`done`, a CUDA
+    event, set when they arrived; None on CPU)."""
 
     seqs: list[Sequence]
     tokens: torch.Tensor
@@ -229,35 +230,31 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, seqs: list[Sequence], is_prefill: bool) -> tuple[list[int], list[float]]:
         """Forward the batch and sample one token per sequence; returns (token ids, log-probs)."""
-        logits = self.forward(seqs, is_prefill)
-        tensors = SamplingTensors.build([s.params for s in seqs], [s.sampling_seed for s in seqs],
-                                        [s.num_output_tokens for s in seqs], logits.shape[-1], self.device,
-                                        self.eos_token_ids)
-        tokens, logprobs = self.sampler(logits, tensors)
-        host = torch.stack((tokens.to(torch.float64), logprobs.to(torch.float64))).cpu()  # one copy, one sync
-        return host[0].long().tolist(), host[1].tolist()
+        return self.collect(self.launch(seqs, is_prefill))
 
     @torch.inference_mode()
-    def launch_decode(self, seqs: list[Sequence], last_token_ids: torch.Tensor | None) -> "InflightDecode":
-        """Enqueue one decode step without waiting for it (`--enable-overlap-schedule`): `last_token_ids`
-        [len(seqs)] on the device replaces each sequence's last token (a placeholder for the token the previous,
-        still running step samples). `collect` waits for the sampled tokens and log-probs."""
-        logits = self.forward(seqs, is_prefill=False, last_token_ids=last_token_ids)
+    def launch(self, seqs: list[Sequence], is_prefill: bool,
+               last_token_ids: torch.Tensor | None = None) -> InflightStep:
+        """Enqueue the batch's forward and sampling without waiting for them; `collect` waits for the tokens and
+        log-probs (one copy to the host, one sync). `last_token_ids` [len(seqs)] on the device replaces each
+        sequence's last token in a decode step (`--enable-overlap-schedule`: a placeholder for the token the
+        previous, still running step samples)."""
+        logits = self.forward(seqs, is_prefill, last_token_ids)
         tensors = SamplingTensors.build([s.params for s in seqs], [s.sampling_seed for s in seqs],
                                         [s.num_output_tokens for s in seqs], logits.shape[-1], self.device,
                                         self.eos_token_ids)
         tokens, logprobs = self.sampler(logits, tensors)
         packed = torch.stack((tokens.to(torch.float64), logprobs.to(torch.float64)))
         if self.device.type != "cuda":
-            return InflightDecode(seqs, tokens, packed, None)
+            return InflightStep(seqs, tokens, packed, None)
         host = torch.empty(packed.shape, dtype=torch.float64, pin_memory=True)
         host.copy_(packed, non_blocking=True)
         done = torch.cuda.Event()
         done.record()
-        return InflightDecode(seqs, tokens, host, done)
+        return InflightStep(seqs, tokens, host, done)
 
     @staticmethod
-    def collect(step: "InflightDecode") -> tuple[list[int], list[float]]:
+    def collect(step: InflightStep) -> tuple[list[int], list[float]]:
         if step.done is not None:
             step.done.synchronize()
         return step.host[0].long().tolist(), step.host[1].tolist()

@@ -3,7 +3,7 @@
     engine = LLMEngine(EngineConfig(path, device="cuda", overlap_schedule=True))  # server: --enable-overlap-schedule
 
 Without it every decode step is schedule -> forward -> wait for the sampled tokens -> append them, and the GPU
-idles while the host schedules. With it a decode step is enqueued (`ModelRunner.launch_decode`) and its results
+idles while the host schedules. With it a decode step is enqueued (`ModelRunner.launch`) and its results
 are applied one `step()` later, after the next step was enqueued: step N+1 reads step N's sampled tokens on the
 device, while the host holds a placeholder (`PENDING`) for each until they arrive. A sequence that stops at step
 N (EOS, a stop id) rides along in step N+1; that extra token is dropped when N's results come in. Sequences
@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from slime.engine.model_runner import InflightDecode
+from slime.engine.model_runner import InflightStep
 from slime.engine.outputs import TokenOutput
 from slime.engine.sequence import Sequence, SequenceStatus
 
@@ -28,7 +28,7 @@ PENDING = -1  # the host's stand-in for a token still being sampled on the devic
 
 @dataclass
 class _InFlight:
-    step: InflightDecode
+    step: InflightStep
     positions: list[int]  # index in each sequence's token_ids of its placeholder
 
 
@@ -73,7 +73,7 @@ class OverlapStepper:
             return None
         return batch
 
-    def _launch(self, batch: list[Sequence], previous: InflightDecode | None) -> _InFlight:
+    def _launch(self, batch: list[Sequence], previous: InflightStep | None) -> _InFlight:
         last_token_ids = None
         if previous is not None:  # every sequence of a continuation was in the previous step
             row = {id(seq): i for i, seq in enumerate(previous.seqs)}
@@ -82,7 +82,7 @@ class OverlapStepper:
             if index != list(range(len(previous.seqs))):
                 last_token_ids = previous.tokens.index_select(
                     0, torch.tensor(index, dtype=torch.int64, device=previous.tokens.device))
-        step = self.engine.runner.launch_decode(batch, last_token_ids)
+        step = self.engine.runner.launch(batch, False, last_token_ids)
         positions = []
         for seq in batch:
             tokens = seq.token_ids

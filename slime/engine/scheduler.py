@@ -118,29 +118,27 @@ class Scheduler:
         """Append each sampled token and finish sequences that hit a stop condition."""
         finished = []
         for seq, token_id, logprob in zip(seqs, token_ids, logprobs, strict=True):
-            tokens = seq.token_ids
-            seq.num_computed_tokens = len(tokens)
-            tokens.append(token_id)
-            seq.output_logprobs.append(logprob)
-            reason = self.finish_reason(seq, token_id, len(tokens))
+            seq.num_computed_tokens = len(seq.token_ids)
+            seq.append_token(token_id, logprob)
+            reason = self.finish_reason(seq, token_id, len(seq.token_ids))
             if reason is not None:
                 finished.append((seq, reason))
         self.finish_all(finished)
 
     def finish_all(self, finished: list[tuple[Sequence, dict]]) -> None:
-        """`finish` each (sequence, reason); the running queue is filtered once."""
-        ended_running = False
+        """End each (sequence, reason): its blocks are freed and it leaves its queue; each queue is filtered once."""
+        left = {SequenceStatus.RUNNING: False, SequenceStatus.WAITING: False}
         for seq, reason in finished:
-            if seq.status == SequenceStatus.RUNNING:  # as `finish`, but the running queue is filtered once
+            if seq.status == SequenceStatus.RUNNING:
                 self.block_manager.deallocate(seq)
-                seq.status, seq.finish_reason = SequenceStatus.FINISHED, reason
-                ended_running = True
-            else:
-                self.finish(seq, reason)
-        if ended_running:
-            kept = [seq for seq in self.running if seq.status != SequenceStatus.FINISHED]
-            self.running.clear()
-            self.running.extend(kept)
+            if seq.status in left:
+                left[seq.status] = True
+            seq.status, seq.finish_reason = SequenceStatus.FINISHED, reason
+        for status, queue in ((SequenceStatus.RUNNING, self.running), (SequenceStatus.WAITING, self.waiting)):
+            if left[status]:
+                kept = [seq for seq in queue if seq.status != SequenceStatus.FINISHED]
+                queue.clear()
+                queue.extend(kept)
 
     def finish_reason(self, seq: Sequence, token_id: int, length: int) -> dict | None:
         """Why `seq` ends once `token_id` is its token number `length` (prompt included), or None."""
@@ -156,10 +154,4 @@ class Scheduler:
         return None
 
     def finish(self, seq: Sequence, reason: dict) -> None:
-        if seq.status == SequenceStatus.RUNNING:
-            self.block_manager.deallocate(seq)
-            self.running.remove(seq)
-        elif seq.status == SequenceStatus.WAITING:
-            self.waiting.remove(seq)
-        seq.status = SequenceStatus.FINISHED
-        seq.finish_reason = reason
+        self.finish_all([(seq, reason)])
