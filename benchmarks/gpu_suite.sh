@@ -19,8 +19,15 @@
 #   PART A  (4 GPUs)  parts 1 and 2 side by side (GPU 0, GPU 1, GPUs 2,3), then rl_step --mode disaggregated on 1,2
 #   PART B  (4 GPUs)  part 4, then (B_DISAGG=1) the disaggregated step on 0,1 beside part 3's training on 2,3
 #   PART C  (4 GPUs)  parts 1 and 2 without vs_trl and loss_overhead, in about 300 s
-#   PART D  (4 GPUs)  vs_trl (GPU 0), server_overhead without and with --enable-overlap-schedule (GPU 1), the
-#                     tensor-parallel tests and throughput (GPUs 2,3)
+#   PART D  (4 GPUs)  vs_trl with 200 SFT steps (GPU 0); server_overhead without and with
+#                     --enable-overlap-schedule, then vs_trl with short answers (GPU 1); the tensor-parallel tests and
+#                     throughput, then the GPU engine tests beside engine_throughput tp 1 without and with the
+#                     overlap schedule (GPUs 2,3)
+#   PART E  (4 GPUs)  rollout_fidelity (GPU 0) beside engine_throughput with the overlap schedule and the HF
+#                     baseline (GPU 1), then the tensor-parallel tests (GPUs 0,1); 4B training over 2 GPUs with
+#                     $TRAIN_VARIANTS (GPUs 2,3)
+#   PART F  (4 GPUs)  vs_trl (GPU 0), rollout_fidelity (GPU 1), the tensor-parallel and kernel tests, then 4B
+#                     training over 2 GPUs with both FSDP options (GPUs 2,3)
 # Jobs run under timeouts that leave time to pack the results; each Ray user starts its own instance.
 # Ray, fastapi, uvicorn, trl, ... must be importable (docs/gpu_runs.md: how to carry them as wheels).
 set -u
@@ -48,10 +55,11 @@ mkdir -p $MODELS
 
 FAST_ARGS=${FAST_ARGS:---max-tokens-per-gpu 8192 --extra-args=--log-probs-chunk-size=4096}
 # the lanes below take their GPUs as arguments, so one host of 4 GPUs runs the lanes of parts 1 and 2 side by side
-vs_trl_lane() {  # GPU
-  SLIME_FSDP_COMPILE=${FAST_COMPILE:-layer} job vs_trl "$1" 20 python benchmarks/vs_trl.py --workdir /tmp/vs \
-      --num-steps "${VS_TRL_STEPS:-16}" --trl-max-seconds "${TRL_MAX_SECONDS:-120}" --rl-step-args "$FAST_ARGS" \
-      --out $RES/vs_trl.json --slime-out $RES/rl_step_colocated_fast.json
+vs_trl_lane() {  # GPU  (RES_TAG: suffix of its files and workdir)
+  local tag=${RES_TAG:-}
+  SLIME_FSDP_COMPILE=${FAST_COMPILE:-layer} job "vs_trl$tag" "$1" 20 python benchmarks/vs_trl.py \
+      --workdir "/tmp/vs$tag" --num-steps "${VS_TRL_STEPS:-16}" --trl-max-seconds "${TRL_MAX_SECONDS:-120}" \
+      --rl-step-args "$FAST_ARGS" --out "$RES/vs_trl$tag.json" --slime-out "$RES/rl_step_colocated_fast$tag.json"
 }
 q06() {  # NAME [--device cuda]: a random-weight bf16 checkpoint of Qwen3-0.6B's shape in $MODELS/NAME
   python tools/make_tiny_model.py --preset qwen3-0.6b --output "$MODELS/$1" --dtype bfloat16 "${@:2}" \
@@ -89,7 +97,7 @@ rl_disagg() {  # GPU,GPU RESERVE
 }
 train_4b() {  # GPUS N RESERVE
   job "train_4b_x$2" "$1" "$3" python benchmarks/train_throughput.py --presets qwen3-4b --num-gpus "$2" \
-      --variants eager,layer --no-baseline --model-dir $MODELS/train$2 --out "$RES/train_throughput_qwen3-4b_$2gpu.json"
+      --variants "${TRAIN_VARIANTS:-eager,layer}" --no-baseline --model-dir $MODELS/train$2 --out "$RES/train_throughput_qwen3-4b_$2gpu.json"
 }
 rl_fsdp4() {  # RESERVE
   job rl_fsdp4 0,1,2,3 "$1" python benchmarks/rl_step.py --mode fsdp4 --workdir /tmp/rl4 --num-steps "${RL_STEPS:-8}" \
@@ -110,23 +118,53 @@ case "$PART" in
        server_overhead server_overhead 0 60 --profile ) &
      weight_sync_ipc 1 20 &
      AFTER_TESTS=${AFTER_TESTS:-130} tp_lane 2,3 0 & wait ;;
-  D) vs_trl_lane 0 &  # the final vs_trl, the engine's step overhead, the tensor-parallel checks with tracebacks
+  D) # session 6: vs_trl with the bf16 engine (worked answers, 200 SFT steps; then short answers on GPU 1, where
+     # rewards move in 16 steps), the overlap schedule against the step-by-step engine, the tensor-parallel tests
+     # (a watchdog has the spawned tp ranks print their stacks if the tests are still running at 230 s)
+     FAST_ARGS="$FAST_ARGS --sft-steps ${SFT_STEPS:-200}" vs_trl_lane 0 &
      ( q06 q06_1
-       server_overhead server_overhead_grouped 1 200 --grouped --profile
-       server_overhead server_overhead_overlap 1 20 --grouped --server-args=--enable-overlap-schedule ) &
-     ( job tp_tests 2,3 150 python -m pytest -v -x --tb=short --timeout 150 -o faulthandler_timeout=140 \
-           tests/test_engine_tp_gpu.py
-       q06 q06
-       job engine_tp2 2,3 60 python benchmarks/engine_throughput.py --model $MODELS/q06 --tp-size 2 --hf-num-seqs 0 \
+       server_overhead server_overhead_grouped 1 330 --grouped
+       server_overhead server_overhead_overlap 1 300 --grouped --server-args=--enable-overlap-schedule
+       FAST_ARGS="$FAST_ARGS --answer-style short --sft-steps ${SHORT_SFT_STEPS:-80}" RES_TAG=_short vs_trl_lane 1 ) &
+     ( ( sleep 230; pkill -USR1 -P "$(pgrep -d, -f 'pytest.*test_engine_tp_gpu')" -f multiprocessing.spawn ) & dog=$!
+       job tp_tests 2,3 240 python -m pytest -v -s --tb=short --timeout 150 tests/test_engine_tp_gpu.py
+       kill $dog 2>/dev/null
+       q06 q06 --device cuda
+       job engine_tp2 2,3 130 python benchmarks/engine_throughput.py --model $MODELS/q06 --tp-size 2 --hf-num-seqs 0 \
            --output $RES/engine_throughput_tp2.json
        job gpu_tests 2 20 python -m pytest -v --tb=short --timeout 120 tests/test_engine_gpu.py \
-           tests/test_fsdp_packed_attention.py ) &
+           tests/test_fsdp_packed_attention.py &
+       ( job engine_tp1 3 80 python benchmarks/engine_throughput.py --model $MODELS/q06 --hf-num-seqs 0 \
+             --output $RES/engine_throughput_tp1.json
+         job engine_tp1_overlap 3 20 python benchmarks/engine_throughput.py --model $MODELS/q06 --hf-num-seqs 0 \
+             --enable-overlap-schedule --output $RES/engine_throughput_tp1_overlap.json ) & wait ) &
+     wait ;;
+  E) # session 6, second call: does the engine sample what HF samples (SFT-warmed 0.6B, the task's prompts)?
+     # engine_throughput with the overlap schedule and the HF baseline; then the tensor-parallel tests; beside
+     # them 4B training on 2 GPUs with the FSDP variants (layers kept gathered, gradients reduced once per step)
+     ( ( job fidelity 0 200 python benchmarks/rollout_fidelity.py --workdir /tmp/fid --rl-step-args "--sft-steps 200" \
+           --out $RES/rollout_fidelity.json ) &
+       ( q06 q06 --device cuda
+         job engine_overlap_hf 1 200 python benchmarks/engine_throughput.py --model $MODELS/q06 \
+             --enable-overlap-schedule --output $RES/engine_throughput_overlap.json ) &
+       wait
+       job tp_tests 0,1 20 python -m pytest -v -s --tb=short --timeout 150 tests/test_engine_tp_gpu.py ) &
+     TRAIN_VARIANTS=${TRAIN_VARIANTS:-layer,layer-keep,layer-reduce-once} train_4b 2,3 2 20 &
+     wait ;;
+  F) # session 6, third call, after the Gumbel-noise fix (no token gets u = 1.0): vs_trl (GPU 0); rollout_fidelity
+     # (GPU 1); the tensor-parallel tests, the GPU kernel tests, then 4B training with both FSDP options (GPUs 2,3)
+     FAST_ARGS="$FAST_ARGS --sft-steps ${SFT_STEPS:-200}" vs_trl_lane 0 &
+     job fidelity 1 20 python benchmarks/rollout_fidelity.py --workdir /tmp/fid --rl-step-args "--sft-steps 200" \
+         --hf-modes autocast --out $RES/rollout_fidelity.json &
+     ( job tp_tests 2,3 330 python -m pytest -v -s --tb=short --timeout 150 tests/test_engine_tp_gpu.py
+       job kernel_tests 2 260 python -m pytest -q --tb=short --timeout 120 tests/test_engine_gpu_kernels.py
+       TRAIN_VARIANTS=${TRAIN_VARIANTS:-layer-keep-reduce-once} train_4b 2,3 2 20 ) &
      wait ;;
   B) train_4b 0,1,2,3 4 "${AFTER_TRAIN:-330}"  # part 4, then (B_DISAGG=1) the disaggregated step, then part 3's training
      rl_fsdp4 "${AFTER_FSDP4:-150}"
      if [ "${B_DISAGG:-0}" = 1 ]; then rl_disagg 0,1 20 & fi
      train_4b 2,3 2 20 & wait ;;
-  *) echo "PART must be 1, 2, 3, 4 (or A, B on a 4-GPU host)" >&2; exit 2 ;;
+  *) echo "PART must be 1, 2, 3, 4 (or A-F on a 4-GPU host)" >&2; exit 2 ;;
 esac
 nvidia-smi --query-gpu=name,memory.used --format=csv >> "$RES/suite.log" 2>&1
 tar czf "$OUT/results_$PART.tgz" -C "$RES" . && cp "$RES/suite.log" "$OUT/suite_$PART.log"

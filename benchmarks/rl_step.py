@@ -53,6 +53,7 @@ ROW_METRICS = {  # row key -> metric logged by slime.train_loop
     "trainer_peak_allocated_gb": "perf/trainer_peak_allocated_gb",
     "trainer_peak_reserved_gb": "perf/trainer_peak_reserved_gb", "grad_norm": "train/grad_norm",
     "engine_busy_s": "time/engine_busy", "engine_steps": "rollout/engine_steps",
+    "logprob_abs_diff": "train/train_rollout_logprob_abs_diff", "entropy": "train/entropy_loss",
 }
 
 
@@ -332,7 +333,8 @@ def summarize(rows: list[dict[str, Any]], tail: int = 3) -> dict[str, Any]:
         f"reward_last{tail}_mean": round(sum(rewards[-tail:]) / len(rewards[-tail:]), 4) if rewards else None,
     }
     for key in ("step_s", "rollout_s", "engine_busy_s", "engine_steps", "log_prob_s", "train_s", "train_update_s",
-                "weight_sync_s", "onload_s", "offload_s", "rollout_tokens_per_s", "train_tokens_per_s"):
+                "weight_sync_s", "onload_s", "offload_s", "rollout_tokens_per_s", "train_tokens_per_s",
+                "logprob_abs_diff"):
         value = _median(rows, key, skip_first=True)
         if value is not None:
             summary[f"median_{key}"] = value

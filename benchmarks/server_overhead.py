@@ -72,7 +72,8 @@ def sampling(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def engine_flags(args: argparse.Namespace, num_seqs: int) -> dict[str, Any]:
-    flags: dict[str, Any] = {"context_length": args.context_length, "max_num_seqs": max(256, num_seqs)}
+    flags: dict[str, Any] = {"context_length": args.context_length, "max_num_seqs": max(256, num_seqs),
+                             "overlap_schedule": "--enable-overlap-schedule" in args.server_args.split()}
     if args.device == "cpu":
         flags["kv_cache_tokens"] = num_seqs * (args.prompt_len + args.max_new_tokens + 32)
     else:

@@ -65,6 +65,15 @@ VARIANTS: dict[str, dict[str, str | None]] = {
     "fused": {"SLIME_FSDP_COMPILE": "1"},
     "layer": {"SLIME_FSDP_COMPILE": "layer", "SLIME_FSDP_COMPILE_DYNAMIC": "0"},
     "layer-dynamic": {"SLIME_FSDP_COMPILE": "layer", "SLIME_FSDP_COMPILE_DYNAMIC": "1"},
+    "layer-keep": {"SLIME_FSDP_COMPILE": "layer", "SLIME_FSDP_COMPILE_DYNAMIC": "0"},
+    "layer-reduce-once": {"SLIME_FSDP_COMPILE": "layer", "SLIME_FSDP_COMPILE_DYNAMIC": "0"},
+    "layer-keep-reduce-once": {"SLIME_FSDP_COMPILE": "layer", "SLIME_FSDP_COMPILE_DYNAMIC": "0"},
+}
+# variant -> trainer flags added to every rank's command line
+VARIANT_FLAGS: dict[str, list[str]] = {
+    "layer-keep": ["--fsdp-reshard-after-forward", "false"],
+    "layer-reduce-once": ["--fsdp-reduce-grads-per-step"],
+    "layer-keep-reduce-once": ["--fsdp-reshard-after-forward", "false", "--fsdp-reduce-grads-per-step"],
 }
 
 
@@ -216,7 +225,7 @@ def trainer_args(model_dir: str, cfg: dict[str, Any], recompute: bool):
              "--log-probs-chunk-size", str(cfg["chunk"]), "--num-rollout", "1000"]
     if recompute:
         flags += ["--recompute-granularity", "full"]
-    args = slime_args(flags)
+    args = slime_args(flags + cfg.get("flags", []))
     args.device = cfg["device"]
     return args
 
@@ -259,7 +268,7 @@ def slime_worker(rank: int, cfg: dict[str, Any], model_dir: str, port: int, resu
                   "model_tflops_per_s_per_gpu": totals[1].item() / seconds / world / 1e12,
                   "attention": trainer.model.hf.config._attn_implementation, "recompute": cfg["recompute"],
                   "final_loss": float(metrics.get("train/loss", float("nan"))),
-                  "compile_mode": os.environ.get("SLIME_FSDP_COMPILE", "0"),
+                  "compile_mode": os.environ.get("SLIME_FSDP_COMPILE", "0"), "trainer_flags": cfg.get("flags", []),
                   "compiled_layers": _compiled_layers(trainer.model), "warmup_seconds": warmup_times,
                   **_compile_counters(),
                   "peak_memory_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if device == "cuda" else None}
@@ -418,7 +427,8 @@ def run_preset(preset: str, args: argparse.Namespace, device: str, work: Path, p
         slime_path = work / f"{preset}.{variant}.slime.json"
         try:
             with _variant_env(variant):
-                _spawn(slime_worker, args.num_gpus, (cfg, str(model_dir), _free_port(), str(slime_path)))
+                _spawn(slime_worker, args.num_gpus, (dict(cfg, flags=VARIANT_FLAGS.get(variant, [])), str(model_dir),
+                                                     _free_port(), str(slime_path)))
             slime = json.loads(slime_path.read_text())
         except Exception as exc:  # one failing variant must not lose the others' numbers
             if len(args.variant_list) == 1:

@@ -91,3 +91,17 @@ def test_vs_trl_time_budget_compares_the_steps_trl_finished(tmp_path):
     result = json.loads(out.read_text())
     assert result["steps_compared"] == 1 and len(result["trl"]["step_seconds"]) == 1
     assert result["slime_seconds"] == pytest.approx(result["slime"]["step_seconds"][0], abs=1e-3)
+
+
+def test_rollout_fidelity_smoke_engine_log_probs_are_hf_log_probs(tmp_path, tiny_model_dir):
+    """The probe that found the Gumbel-noise bug: on CPU in float32 the engine's log-probs of its own samples
+    equal HF's teacher-forced ones, and every response is scored."""
+    out = tmp_path / "fidelity.json"
+    _script("rollout_fidelity.py", "--smoke", "--workdir", str(tmp_path / "work"), "--sft-model", str(tiny_model_dir),
+            "--out", str(out))
+    result = json.loads(out.read_text())
+    assert [s["sampler"] for s in result["samplers"]] == ["engine_float32", "hf_float32"]
+    for sampler in result["samplers"]:
+        assert 0.0 <= sampler["accuracy"] <= 1.0 and sum(sampler["finish_reasons"].values()) == result["sequences"]
+    agreement = result["engine_vs_hf_float32"]["float32"]
+    assert agreement["tokens"] > 0 and agreement["mean_abs_diff"] < 1e-4 and agreement["share_off_by_more_than_1"] == 0

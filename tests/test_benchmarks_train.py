@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_train_throughput_smoke_writes_the_json(tmp_path) -> None:
     out = tmp_path / "train.json"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_throughput.py"), "--smoke", "--variants",
-                           "eager,layer", "--out", str(out), "--model-dir", str(tmp_path)], capture_output=True, text=True, timeout=300)
+                           "eager,layer-keep-reduce-once", "--out", str(out), "--model-dir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert json.loads(proc.stdout) == result
@@ -32,12 +33,15 @@ def test_train_throughput_smoke_writes_the_json(tmp_path) -> None:
     assert tiny["hf_baseline"]["tokens_per_s"] > 0 and tiny["speedup_vs_hf_per_gpu"] > 0
     assert tiny["slime"]["attention"] == "slime_packed"  # CPU eager: per sample; compiled layers keep sdpa
     # two variants on the same checkpoint and rollouts; `slime` is the first; the table comes last on stderr
-    assert set(tiny["variants"]) == {"eager", "layer"} and tiny["slime"] == tiny["variants"]["eager"]
-    assert tiny["variants"]["eager"]["compiled_layers"] == 0 and tiny["variants"]["layer"]["compiled_layers"] == 2
-    assert tiny["variants"]["layer"]["attention"] == "sdpa"
-    assert tiny["variants"]["layer"]["final_loss"] == pytest.approx(tiny["variants"]["eager"]["final_loss"], abs=1e-4)
+    # (the second also keeps layers gathered from forward to backward and reduces gradients once per step)
+    layer = tiny["variants"]["layer-keep-reduce-once"]
+    assert set(tiny["variants"]) == {"eager", "layer-keep-reduce-once"} and tiny["slime"] == tiny["variants"]["eager"]
+    assert tiny["variants"]["eager"]["compiled_layers"] == 0 and layer["compiled_layers"] == 2
+    assert layer["trainer_flags"] == ["--fsdp-reshard-after-forward", "false", "--fsdp-reduce-grads-per-step"]
+    assert layer["attention"] == "sdpa"
+    assert layer["final_loss"] == pytest.approx(tiny["variants"]["eager"]["final_loss"], abs=1e-4)
     table = proc.stderr.strip().splitlines()
-    assert table[-3].split()[:2] == ["tiny", "eager"] and table[-2].split()[:2] == ["tiny", "layer"]
+    assert table[-3].split()[:2] == ["tiny", "eager"] and table[-2].split()[:2] == ["tiny", "layer-keep-reduce-once"]
 
 
 def test_loss_overhead_benchmark_counts_fewer_ops_than_the_per_sample_loop(tmp_path) -> None:

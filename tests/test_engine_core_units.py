@@ -122,6 +122,23 @@ def test_noise_is_a_pure_function_of_seed_position_and_index():
     assert abs(noise.mean().item() - 0.5) < 0.02 and abs(noise.var().item() - 1 / 12) < 0.01
 
 
+# seed 96 at output position 3 hashes vocabulary index 33699 of a 151,936-token vocabulary to the top 24-bit
+# value, whose u rounded to 1.0 in float32: -log(-log(u)) = inf, so that token won the Gumbel race whatever its
+# logit (a uniformly random token for 0.9% of all sampled tokens; found by rollout_fidelity.py on an H100)
+TOP_NOISE_SEED, TOP_NOISE_POSITION, TOP_NOISE_INDEX, QWEN_VOCAB = 96, 3, 33699, 151936
+
+
+def test_no_token_gets_infinite_gumbel_noise():
+    u = uniform_noise(torch.tensor([TOP_NOISE_SEED]), torch.tensor([TOP_NOISE_POSITION]), QWEN_VOCAB)
+    assert int(u.argmax()) == TOP_NOISE_INDEX and float(u.max()) < 1.0
+    logits = torch.full((1, QWEN_VOCAB), -40.0)
+    logits[0, 7] = 0.0  # every other token is e**-40 as likely
+    t = SamplingTensors.build([SamplingParams(temperature=1.0)], [TOP_NOISE_SEED], [TOP_NOISE_POSITION], QWEN_VOCAB,
+                              "cpu")
+    tokens, logprobs = Sampler()(logits, t)
+    assert tokens.tolist() == [7] and abs(float(logprobs[0])) < 1e-6
+
+
 def sample_many(logits: torch.Tensor, n: int, **params) -> torch.Tensor:
     rows = logits.expand(n, -1).clone()
     p = [SamplingParams(**params, seed=s) for s in range(n)]

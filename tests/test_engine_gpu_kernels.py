@@ -203,6 +203,21 @@ def test_gumbel_sample_follows_the_distribution():
     assert (freq - expected).abs().max().item() < 0.025  # about 3 standard errors at 4000 draws
 
 
+def test_gumbel_kernel_gives_no_token_infinite_noise():
+    """The seed/position/index whose noise rounded to u = 1.0 (test_engine_core_units): the kernel too keeps the
+    e**-40-unlikely token from winning."""
+    from test_engine_core_units import QWEN_VOCAB, TOP_NOISE_POSITION, TOP_NOISE_SEED
+
+    from slime.engine.kernels.sampling import gumbel_sample
+
+    logits = torch.full((1, QWEN_VOCAB), -40.0, device=DEVICE)
+    logits[0, 7] = 0.0
+    greedy = torch.zeros(1, dtype=torch.bool, device=DEVICE)
+    tokens, logprobs = gumbel_sample(logits, torch.ones(1, device=DEVICE), greedy, torch.tensor([TOP_NOISE_SEED], device=DEVICE),
+                                     torch.tensor([TOP_NOISE_POSITION], device=DEVICE))
+    assert tokens.tolist() == [7] and abs(float(logprobs[0])) < 1e-5
+
+
 def test_engine_with_triton_attention_matches_reference_backend(tiny_model_dir):
     """Whole engine, tiny model: the Triton backend gives the reference backend's tokens and log-probs."""
     from slime.engine import EngineConfig, LLMEngine, SamplingParams

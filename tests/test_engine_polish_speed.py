@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from slime.engine.attention import AttentionMetadata, TorchPagedAttention
-from slime.engine.sampler import row_hashes, uniform_noise
+from slime.engine.sampler import UNIFORM_MAX, row_hashes, uniform_noise
 
 
 def _mix32(x: int) -> int:
@@ -32,7 +32,8 @@ def _reference_row(seed: int, position: int) -> int:
 def _reference_noise(seed: int, position: int, vocab_size: int) -> list[float]:
     row = _reference_row(seed, position)
     bits = [_mix32(_mix32(row ^ index) ^ 0x27D4EB2F) >> 8 for index in range(vocab_size)]
-    return torch.tensor(bits, dtype=torch.int64).to(torch.float32).add(0.5).div(float(1 << 24)).tolist()
+    u = torch.tensor(bits, dtype=torch.int64).to(torch.float32).add(0.5).div(float(1 << 24))
+    return u.clamp(max=UNIFORM_MAX).tolist()
 
 
 def test_noise_matches_the_integer_specification():

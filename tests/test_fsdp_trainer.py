@@ -63,10 +63,12 @@ def test_two_ranks_equal_one_process_and_dynamic_batching_equals_fixed(tmp_path,
     one_step = dict(BASE, global_batch_size=8, micro_batch_size=1)
     uneven = dict(one_step, uneven_shards=True)
     per_token = dict(BASE, calculate_per_token_loss=True)
+    # gradients reduced once per optimizer step, layers kept gathered from forward to backward
+    reduce_once = dict(dynamic, fsdp_reduce_grads_per_step=True, fsdp_reshard_after_forward="false")
     single, single_one_step, single_per_token = run_ranks(_train_configs, 1, tmp_path, model_dir=str(tiny_model_dir),
                                                           configs=[BASE, one_step, per_token])[0]
     two = run_ranks(_train_configs, 2, tmp_path, model_dir=str(tiny_model_dir),
-                    configs=[BASE, dynamic, uneven, per_token])
+                    configs=[BASE, dynamic, uneven, per_token, reduce_once])
 
     # both optimizer steps: same loss terms, grad norm and lr as the single-process reference
     steps_single = single["metrics"]["steps"]
@@ -85,7 +87,8 @@ def test_two_ranks_equal_one_process_and_dynamic_batching_equals_fixed(tmp_path,
     moved = max(float((reference[n] - initial[n]).abs().max()) for n in reference)
     assert moved > 1e-4
     for rank_result in two:
-        for config_result, expected in zip(rank_result, [single, single, single_one_step, single_per_token]):
+        for config_result, expected in zip(rank_result, [single, single, single_one_step, single_per_token, single],
+                                           strict=True):
             got, want = _flat(config_result["exported"]), _flat(expected["exported"])
             assert got.keys() == want.keys()
             for name in want:
@@ -94,6 +97,7 @@ def test_two_ranks_equal_one_process_and_dynamic_batching_equals_fixed(tmp_path,
         _assert_close_metrics(rank_result[2]["metrics"]["steps"], single_one_step["metrics"]["steps"])
         # --calculate-per-token-loss: divided by the loss tokens of the whole step over all ranks
         _assert_close_metrics(rank_result[3]["metrics"]["steps"], single_per_token["metrics"]["steps"])
+        _assert_close_metrics(rank_result[4]["metrics"]["steps"], steps_single)
     assert single_per_token["metrics"]["steps"][0]["loss"] != single["metrics"]["steps"][0]["loss"]
 
     # exported buckets == the model's full state dict (tied lm_head exported once, as embed_tokens)

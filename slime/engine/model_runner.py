@@ -140,7 +140,7 @@ class ModelRunner:
             layer.k_cache, layer.v_cache = k_cache, v_cache
 
     def free_kv_cache(self) -> None:
-        self._drop_graphs()
+        self.drop_graphs()
         for layer in self.model.attention_layers():
             layer.k_cache = layer.v_cache = None
         self.kv_cache = None
@@ -151,7 +151,7 @@ class ModelRunner:
         """GPU: keep a CPU copy and free the device storage. CPU: nothing to free."""
         if self.device.type != "cuda" or self.weights_backup is not None:
             return
-        self._drop_graphs()
+        self.drop_graphs()
         self.weights_backup = {}
         for name, param in self.model.named_parameters():
             self.weights_backup[name] = param.data.to("cpu")
@@ -165,7 +165,9 @@ class ModelRunner:
             param.data = self.weights_backup[name].to(self.device)
         self.weights_backup = None
 
-    def _drop_graphs(self) -> None:
+    def drop_graphs(self) -> None:
+        """Destroy the captured decode graphs (recaptured at the next decode); NCCL cannot release a
+        communicator that live graphs captured collectives of."""
         if self.decode_graphs is not None:
             self.decode_graphs.reset()
 

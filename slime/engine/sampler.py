@@ -34,6 +34,9 @@ def _int32_bits(value: int) -> int:
 
 _M1, _M2 = _int32_bits(0x85EBCA6B), _int32_bits(0xC2B2AE35)
 _ROW_SALT, _INDEX_SALT = _int32_bits(0x9E3779B9), _int32_bits(0x27D4EB2F)
+# (2**24 - 1 + 0.5) / 2**24 rounds to 1.0 in float32, and -log(-log(1.0)) is +inf: one token in 2**24 would win
+# the Gumbel race whatever its logit (0.9% of all sampled tokens over a 151k vocabulary). u stops just below 1.
+UNIFORM_MAX = 1.0 - 2.0 ** -24
 
 
 def _uint32_as_int32(x: torch.Tensor) -> torch.Tensor:
@@ -67,15 +70,16 @@ def row_hashes(seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
 def uniform_noise(seeds: torch.Tensor, positions: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """U(0,1) noise [rows, vocab], a pure function of (seed, position, vocab index).
 
-    Bits: h = mix(mix(row_hash ^ index) ^ 0x27D4EB2F); u = (h >> 8 + 0.5) / 2**24, with `mix` the murmur3
-    finaliser on uint32. GPU kernels that sample must reproduce exactly this so both paths pick the same
-    tokens for a seed. Computed in place on int32 bits: several times faster than emulating uint32 in int64."""
+    Bits: h = mix(mix(row_hash ^ index) ^ 0x27D4EB2F); u = min((h >> 8 + 0.5) / 2**24, UNIFORM_MAX) in float32,
+    with `mix` the murmur3 finaliser on uint32. GPU kernels that sample must reproduce exactly this so both paths
+    pick the same tokens for a seed. Computed in place on int32 bits: several times faster than emulating uint32
+    in int64."""
     vocab = torch.arange(vocab_size, device=seeds.device, dtype=torch.int32)
     h = _row_hashes_int32(seeds, positions)[:, None] ^ vocab[None, :]
     _mix32_(h)
     h ^= _INDEX_SALT
     _mix32_(h)
-    return ((h >> 8) & 0xFFFFFF).to(torch.float32).add_(0.5).div_(float(1 << 24))
+    return ((h >> 8) & 0xFFFFFF).to(torch.float32).add_(0.5).div_(float(1 << 24)).clamp_(max=UNIFORM_MAX)
 
 
 @dataclass

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import ctypes
+import faulthandler
 import logging
 import os
 import pickle
@@ -197,8 +198,11 @@ class TPWorker:
 
 def worker_main(config: EngineConfig, hf_config: Any, max_positions: int, eos_token_ids: list[int], rank: int,
                 port: int, conn: Any, parent_pid: int) -> None:
-    """Entry of a spawned tp rank: join the group, build the shard, say ready, serve rank 0's calls."""
+    """Entry of a spawned tp rank: join the group, build the shard, say ready, serve rank 0's calls.
+    `kill -USR1 <pid>` prints the rank's Python stacks to its stderr (what a hung collective waits on)."""
     _die_with_parent(parent_pid)
+    if hasattr(signal, "SIGUSR1"):
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         tp = init_tp_group(port, rank, config.tp_size, torch.device(config.device))
         runner = ModelRunner(config, hf_config, max_positions, eos_token_ids=eos_token_ids, tp=tp)
@@ -209,9 +213,17 @@ def worker_main(config: EngineConfig, hf_config: Any, max_positions: int, eos_to
     try:
         TPWorker(runner, conn).loop()
     finally:
-        if runner.device.type == "cuda":  # leave without an NCCL teardown: process exit frees the communicator
+        release_tp_group(runner)  # at the same time as rank 0 (TPModelRunner.close)
+        if runner.device.type == "cuda":  # no interpreter teardown: CUDA and NCCL state go with the process
             os._exit(0)
-        tp.shutdown()
+
+
+def release_tp_group(runner: ModelRunner) -> None:
+    """Graphs first (a communicator whose collectives live graphs captured cannot be released), then the group."""
+    runner.drop_graphs()
+    if runner.device.type == "cuda":
+        torch.cuda.synchronize(runner.device)
+    runner.tp.shutdown()
 
 
 # ---- rank 0 ---------------------------------------------------------------------------------------
@@ -386,7 +398,8 @@ class TPModelRunner:
 
     # ---- lifetime ---------------------------------------------------------------------------------
     def close(self, timeout_s: float = 10.0) -> None:
-        """Stop the workers (they exit their loop), then kill any that linger; idempotent."""
+        """Stop the workers; every rank releases its graphs and the group at the same time, then the workers
+        exit (killed if they linger); idempotent."""
         if self.closed:
             return
         self.closed = True
@@ -395,6 +408,10 @@ class TPModelRunner:
                 conn.send_bytes(pickle.dumps(("stop", None)))
             except (OSError, ValueError):
                 pass
+        local = self.__dict__.get("local")
+        store = local.tp.store if local is not None else None  # hosted here: kept until the workers are gone
+        if local is not None:
+            release_tp_group(local)
         deadline = time.monotonic() + timeout_s
         for proc in self.procs:
             proc.join(max(0.0, deadline - time.monotonic()))
@@ -403,6 +420,4 @@ class TPModelRunner:
                 proc.join(5)
         for conn in self.conns:
             conn.close()
-        local = self.__dict__.get("local")
-        if local is not None:
-            local.tp.shutdown()
+        del store

@@ -161,7 +161,16 @@ def reshard_all(model: nn.Module) -> None:
             module.reshard()
 
 
-def shard_model(model: nn.Module, mesh: DeviceMesh, device: str, *, recompute: bool) -> nn.Module:
+def reshard_after_forward(setting: str, device: str, num_ranks: int, recompute: bool) -> bool:
+    """--fsdp-reshard-after-forward: auto keeps a layer's bf16 copy from forward to backward only where it
+    costs no communication to free it (one rank) and nothing recomputes the forward."""
+    if setting == "auto":
+        return not (device == "cuda" and num_ranks == 1 and not recompute)
+    return setting == "true"
+
+
+def shard_model(model: nn.Module, mesh: DeviceMesh, device: str, *, recompute: bool,
+                reshard: str = "auto") -> nn.Module:
     if recompute:
         if hasattr(model.hf, "activation_checkpointing_enable"):
             model.hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -169,11 +178,10 @@ def shard_model(model: nn.Module, mesh: DeviceMesh, device: str, *, recompute: b
             model.hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device == "cuda"
           else MixedPrecisionPolicy())
-    # one rank without recomputation: keep each layer's bf16 copy from forward to backward (no second cast/gather)
-    reshard = not (device == "cuda" and mesh.size() == 1 and not recompute)
     layers = decoder_layers(model.hf)
     for layer in layers:
-        fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
+        fully_shard(layer, mesh=mesh, mp_policy=mp,
+                    reshard_after_forward=reshard_after_forward(reshard, device, mesh.size(), recompute))
     fully_shard(model, mesh=mesh, mp_policy=mp)
     if device == "cuda" and mesh.size() > 1:
         # issue layer i+1's all-gather when layer i starts: the host runs ahead less than the GPU needs
@@ -216,7 +224,8 @@ def build_sharded_policy(args: Any, mesh: DeviceMesh, path: str | None = None, r
     elif mode == "1" and fused_ops_enabled(device):
         fuse_elementwise_ops(hf_model)
     wrapper = ValueModel(hf_model) if role == "critic" else PolicyModel(hf_model)
-    model = shard_model(wrapper, mesh, device, recompute=recompute)
+    model = shard_model(wrapper, mesh, device, recompute=recompute,
+                        reshard=getattr(args, "fsdp_reshard_after_forward", "auto"))
     if not multi_rank:
         return model
     if dist.get_rank() != 0:

@@ -28,6 +28,7 @@ from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from slime.algo.reduce import concat_samples, flat_mask, get_sum_of_sample_mean, masked
@@ -393,10 +394,13 @@ class FSDPTrainer:
         plan = self._plan(batch["total_lengths"], _arg(args, "max_tokens_per_gpu", None))
         sums: dict[str, Any] = defaultdict(float)  # detached tensors: one host sync per step, not per micro-batch
         extrema: dict[str, list[Any]] = defaultdict(list)
-        for indices in plan:
+        reduce_once = bool(_arg(args, "fsdp_reduce_grads_per_step", False)) and isinstance(self.model, FSDPModule)
+        for position, indices in enumerate(plan):
             mb = _select(batch, indices)
             row = self._row(batch, indices)
             loss, metrics = self._loss_of_micro_batch(mb, indices, row)
+            if reduce_once:  # every rank runs the same number of micro-batches (empty ones included)
+                self.model.set_requires_gradient_sync(position == len(plan) - 1)
             (loss * scale).backward()
             for key, value in metrics.items():
                 value = value.detach().float() if torch.is_tensor(value) else float(value)

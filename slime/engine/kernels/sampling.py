@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 SAMPLE_BLOCK_V = 2048
+UNIFORM_MAX: tl.constexpr = tl.constexpr(1.0 - 2.0 ** -24)  # = slime.engine.sampler.UNIFORM_MAX
 
 
 @triton.jit
@@ -59,7 +60,7 @@ def _gumbel_sample_kernel(logits_ptr, temperature_ptr, greedy_ptr, seed_ptr, pos
             score = x
         else:
             h = _mix32(_mix32(row_hash ^ offs.to(tl.uint32)) ^ 0x27D4EB2F)
-            u = ((h >> 8).to(tl.float32) + 0.5) / 16777216.0
+            u = tl.minimum(((h >> 8).to(tl.float32) + 0.5) / 16777216.0, UNIFORM_MAX)  # never 1.0: see sampler.py
             score = x - tl.log(-tl.log(u))
         score = tl.where(mask, score, float("-inf"))
         better = score > best_score  # strict: the first index wins ties, as torch.argmax

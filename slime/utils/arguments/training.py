@@ -27,6 +27,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="Regexes (re.search) of parameter names to train; all others are frozen.")
     group.add_argument("--freeze-params-name-list", type=str, nargs="*", default=None,
                        help="Regexes (re.search) of parameter names to freeze; all others are trained.")
+    group.add_argument("--fsdp-reshard-after-forward", choices=["auto", "true", "false"], default="auto",
+                       help="Free each layer's gathered parameters after its forward (true: one more all-gather in "
+                            "backward) or keep them until its backward (false: + the bf16 model per GPU). auto: "
+                            "false on one GPU without --recompute-granularity full, true otherwise.")
+    group.add_argument("--fsdp-reduce-grads-per-step", action="store_true", default=False,
+                       help="Reduce-scatter gradients once per optimizer step instead of after every micro-batch; "
+                            "holds an unsharded fp32 gradient (4 bytes per parameter) between micro-batches.")
     group.add_argument("--max-nan-steps", type=int, default=3,
                        help="Optimizer steps with a NaN/Inf loss or gradient are skipped and logged; the run stops "
                             "with an error after this many in a row.")
