@@ -213,8 +213,8 @@ def test_gumbel_kernel_gives_no_token_infinite_noise():
     logits = torch.full((1, QWEN_VOCAB), -40.0, device=DEVICE)
     logits[0, 7] = 0.0
     greedy = torch.zeros(1, dtype=torch.bool, device=DEVICE)
-    tokens, logprobs = gumbel_sample(logits, torch.ones(1, device=DEVICE), greedy, torch.tensor([TOP_NOISE_SEED], device=DEVICE),
-                                     torch.tensor([TOP_NOISE_POSITION], device=DEVICE))
+    seed, position = torch.tensor([TOP_NOISE_SEED], device=DEVICE), torch.tensor([TOP_NOISE_POSITION], device=DEVICE)
+    tokens, logprobs = gumbel_sample(logits, torch.ones(1, device=DEVICE), greedy, seed, position)
     assert tokens.tolist() == [7] and abs(float(logprobs[0])) < 1e-5
 
 
