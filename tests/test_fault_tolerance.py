@@ -25,7 +25,7 @@ import pytest
 from ray_helpers import logprob_gap, ray_session, tiny_task, train_argv
 from slime.train_loop import parse_train_args, run
 
-BATCH, N_SAMPLES, RESPONSE_LEN = 4, 2, 24
+BATCH, N_SAMPLES, RESPONSE_LEN = 4, 2, 160  # long enough that the 10 ms poll catches a rollout in flight
 
 
 def engine_server_pid(url: str) -> int | None:
