@@ -14,7 +14,6 @@ compute ops each dispatches (views excluded: on a GPU each is a kernel launch). 
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import sys
@@ -125,11 +124,9 @@ def main(argv: list[str] | None = None) -> dict:
         rows.append(row)
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     result = {"benchmark": "loss_overhead", "device": device_name, "threads": torch.get_num_threads(), "rows": rows}
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    return result
+    from benchmarks.report import emit_json
+
+    return emit_json(result, args.out)
 
 
 if __name__ == "__main__":

@@ -127,11 +127,8 @@ def hf_samples(model_dir: Path, mode: str, prompts: list[list[int]], o: argparse
     return out, seconds
 
 
-def hf_log_probs(model_dir: Path, prompts: list[list[int]], responses: list[list[int]], device: str) -> list[list[float]]:
+def hf_log_probs(model: Any, prompts: list[list[int]], responses: list[list[int]], device: str) -> list[list[float]]:
     """Float32 HF log-probs of each response token given its prompt (teacher forcing), one sequence at a time."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).to(device).eval()
     out = []
     with torch.no_grad():
         for prompt, response in zip(prompts, responses, strict=True):
@@ -142,8 +139,6 @@ def hf_log_probs(model_dir: Path, prompts: list[list[int]], responses: list[list
             logits = model(input_ids=ids).logits[0, len(prompt) - 1:-1].float()
             lp = torch.log_softmax(logits, -1).gather(-1, ids[0, len(prompt):, None])[:, 0]
             out.append(lp.tolist())
-    del model
-    _free_gpu_memory(device)
     return out
 
 
@@ -178,14 +173,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     labels = [str(r["label"]) for r in rows for _ in range(o.samples)]
     eos = read_eos_token_ids(str(model), AutoConfig.from_pretrained(str(model)))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
-    result: dict[str, Any] = {"benchmark": "rollout_fidelity", "device": torch.cuda.get_device_name() if device == "cuda"
-                              else "cpu", "model": str(model), "sft": sft, "eos_token_ids": eos,
-                              "sequences": len(prompts), "temperature": o.temperature, "samplers": [],
-                              "engine_vs_hf_float32": {}}
-    for dtype in [d for d in o.engine_dtypes.split(",") if d]:
+    device_name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    result: dict[str, Any] = {"benchmark": "rollout_fidelity", "device": device_name, "model": str(model),
+                              "sft": sft, "eos_token_ids": eos, "sequences": len(prompts), "temperature": o.temperature,
+                              "samplers": [], "engine_vs_hf_float32": {}}
+    engine_dtypes = [d for d in o.engine_dtypes.split(",") if d]
+    scorer = None  # HF in float32, loaded once to score every engine's samples
+    if engine_dtypes:
+        from transformers import AutoModelForCausalLM
+
+        scorer = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32).to(device).eval()
+    for dtype in engine_dtypes:
         out, seconds = engine_samples(model, dtype, prompts, o, device)
         result["samplers"].append(score(f"engine_{dtype}", out, labels, tokenizer, seconds))
-        reference = hf_log_probs(model, prompts, [r["token_ids"] for r in out], device)
+        reference = hf_log_probs(scorer, prompts, [r["token_ids"] for r in out], device)
         diffs = [abs(a - b) for r, ref in zip(out, reference, strict=True) for a, b in zip(r["logprobs"], ref)]
         engine_mean = statistics.fmean(x for r in out for x in r["logprobs"]) if diffs else 0.0
         hf_mean = statistics.fmean(x for ref in reference for x in ref) if diffs else 0.0
@@ -194,15 +195,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "share_off_by_more_than_1": round(sum(d > 1 for d in diffs) / max(1, len(diffs)), 5),
             "mean_engine_log_prob": round(engine_mean, 5), "mean_hf_log_prob": round(hf_mean, 5)}
         print(json.dumps(result["samplers"][-1]), json.dumps(result["engine_vs_hf_float32"][dtype]), flush=True)
+    del scorer
+    _free_gpu_memory(device)
     for mode in [m for m in o.hf_modes.split(",") if m]:
         out, seconds = hf_samples(model, mode, prompts, o, device, eos, pad)
         result["samplers"].append(score(f"hf_{mode}", out, labels, tokenizer, seconds))
         print(json.dumps(result["samplers"][-1]), flush=True)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if o.out:
-        Path(o.out).write_text(text + "\n")
-    return result
+    from benchmarks.report import emit_json
+
+    return emit_json(result, o.out)
 
 
 if __name__ == "__main__":

@@ -65,16 +65,14 @@ VARIANTS: dict[str, dict[str, str | None]] = {
     "fused": {"SLIME_FSDP_COMPILE": "1"},
     "layer": {"SLIME_FSDP_COMPILE": "layer", "SLIME_FSDP_COMPILE_DYNAMIC": "0"},
     "layer-dynamic": {"SLIME_FSDP_COMPILE": "layer", "SLIME_FSDP_COMPILE_DYNAMIC": "1"},
-    "layer-keep": {"SLIME_FSDP_COMPILE": "layer", "SLIME_FSDP_COMPILE_DYNAMIC": "0"},
-    "layer-reduce-once": {"SLIME_FSDP_COMPILE": "layer", "SLIME_FSDP_COMPILE_DYNAMIC": "0"},
-    "layer-keep-reduce-once": {"SLIME_FSDP_COMPILE": "layer", "SLIME_FSDP_COMPILE_DYNAMIC": "0"},
 }
-# variant -> trainer flags added to every rank's command line
+# variant -> trainer flags added to every rank's command line (these variants run with "layer"'s environment)
 VARIANT_FLAGS: dict[str, list[str]] = {
     "layer-keep": ["--fsdp-reshard-after-forward", "false"],
     "layer-reduce-once": ["--fsdp-reduce-grads-per-step"],
     "layer-keep-reduce-once": ["--fsdp-reshard-after-forward", "false", "--fsdp-reduce-grads-per-step"],
 }
+VARIANTS.update({name: VARIANTS["layer"] for name in VARIANT_FLAGS})
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -530,11 +528,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for preset in [p for p in args.presets.split(",") if p]:
             result["presets"][preset] = run_preset(preset, args, device, Path(tmp), peak)
             print(json.dumps({preset: result["presets"][preset]}, default=str), file=sys.stderr, flush=True)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+    from benchmarks.report import emit_json
+
+    emit_json(result, args.out)
     print(summary_table(result), file=sys.stderr, flush=True)
     return result
 

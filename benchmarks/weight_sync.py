@@ -381,12 +381,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     if bench.work_dir is None:
         shutil.rmtree(work, ignore_errors=True)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if bench.out:
-        Path(bench.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(bench.out).write_text(text + "\n")
-    return report
+    from benchmarks.report import emit_json
+
+    return emit_json(report, bench.out)
 
 
 if __name__ == "__main__":

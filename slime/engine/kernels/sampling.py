@@ -18,8 +18,10 @@ import torch
 import triton
 import triton.language as tl
 
+from slime.engine import sampler
+
 SAMPLE_BLOCK_V = 2048
-UNIFORM_MAX: tl.constexpr = tl.constexpr(1.0 - 2.0 ** -24)  # = slime.engine.sampler.UNIFORM_MAX
+UNIFORM_MAX: tl.constexpr = tl.constexpr(sampler.UNIFORM_MAX)
 
 
 @triton.jit
