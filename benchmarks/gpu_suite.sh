@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# bash benchmarks/gpu_suite.sh OUT_DIR PART [SECONDS]    # PART 1|2|3 on a 2-GPU host; 4, A, B, C, D on a 4-GPU host
+# bash benchmarks/gpu_suite.sh OUT_DIR PART [SECONDS]    # PART 1|2|3|G|H|I on a 2-GPU host; 4, A-F on a 4-GPU host
 #
 # The GPU checks and benchmarks of issues 9 and 10 as three calls of a 2-GPU machine and one of a 4-GPU one, or
 # two calls (A, B) of a 4-GPU one; C and D re-run the checks that failed in the first 4xH200 pass (2026-11-26),
@@ -28,6 +28,9 @@
 #                     $TRAIN_VARIANTS (GPUs 2,3)
 #   PART F  (4 GPUs)  vs_trl (GPU 0), rollout_fidelity (GPU 1), the tensor-parallel and kernel tests, then 4B
 #                     training over 2 GPUs with both FSDP options (GPUs 2,3)
+#   PART G  GPUs 0,1  4B training over 2 GPUs with the FSDP communication variants (one profiled), the FSDP GPU tests
+#   PART H  GPUs 0,1  vs_trl twice side by side (lr 1e-5 from the 200-step SFT model; lr 2e-5 from 120 steps)
+#   PART I  GPUs 0,1  the disaggregated RL step
 # Jobs run under timeouts that leave time to pack the results; each Ray user starts its own instance.
 # Ray, fastapi, uvicorn, trl, ... must be importable (docs/gpu_runs.md: how to carry them as wheels).
 set -u
@@ -59,7 +62,8 @@ vs_trl_lane() {  # GPU  (RES_TAG: suffix of its files and workdir)
   local tag=${RES_TAG:-}
   SLIME_FSDP_COMPILE=${FAST_COMPILE:-layer} job "vs_trl$tag" "$1" 20 python benchmarks/vs_trl.py \
       --workdir "/tmp/vs$tag" --num-steps "${VS_TRL_STEPS:-16}" --trl-max-seconds "${TRL_MAX_SECONDS:-120}" \
-      --rl-step-args "$FAST_ARGS" --out "$RES/vs_trl$tag.json" --slime-out "$RES/rl_step_colocated_fast$tag.json"
+      --rl-step-args "$FAST_ARGS" --out "$RES/vs_trl$tag.json" --slime-out "$RES/rl_step_colocated_fast$tag.json" \
+      ${VS_TRL_EXTRA:-}
 }
 q06() {  # NAME [--device cuda]: a random-weight bf16 checkpoint of Qwen3-0.6B's shape in $MODELS/NAME
   python tools/make_tiny_model.py --preset qwen3-0.6b --output "$MODELS/$1" --dtype bfloat16 "${@:2}" \
@@ -97,7 +101,8 @@ rl_disagg() {  # GPU,GPU RESERVE
 }
 train_4b() {  # GPUS N RESERVE
   job "train_4b_x$2" "$1" "$3" python benchmarks/train_throughput.py --presets qwen3-4b --num-gpus "$2" \
-      --variants "${TRAIN_VARIANTS:-eager,layer}" --no-baseline --model-dir $MODELS/train$2 --out "$RES/train_throughput_qwen3-4b_$2gpu.json"
+      --variants "${TRAIN_VARIANTS:-eager,layer}" --no-baseline --model-dir $MODELS/train$2 \
+      --out "$RES/train_throughput_qwen3-4b_$2gpu.json" ${TRAIN_PROFILE:+--profile "$TRAIN_PROFILE"}
 }
 rl_fsdp4() {  # RESERVE
   job rl_fsdp4 0,1,2,3 "$1" python benchmarks/rl_step.py --mode fsdp4 --workdir /tmp/rl4 --num-steps "${RL_STEPS:-8}" \
@@ -160,11 +165,31 @@ case "$PART" in
        job kernel_tests 2 260 python -m pytest -q --tb=short --timeout 120 tests/test_engine_gpu_kernels.py
        TRAIN_VARIANTS=${TRAIN_VARIANTS:-layer-keep-reduce-once} train_4b 2,3 2 20 ) &
      wait ;;
+  G) # session 7 (2xH100), first call: 4B training over 2 GPUs with the FSDP communication options (the reduce-once
+     # mode now also keeps the gathered layers between micro-batches; bf16 gradient reduction; chunked log-prob
+     # head; dynamic shapes from the first compile), one of them profiled; then the 2-GPU FSDP tests (bf16
+     # reduce-once against one GPU) beside the overlap schedule's GPU equality test
+     TRAIN_VARIANTS=${TRAIN_VARIANTS:-layer-keep,layer-keep-reduce-once-chunked,layer-keep-reduce-once-bf16-chunked,layer-keep-bf16-reduce,layer-keep-reduce-once-chunked-dynamic} \
+       TRAIN_PROFILE=${TRAIN_PROFILE:-layer-keep-reduce-once-chunked} train_4b 0,1 2 130
+     job fsdp_gpu_tests 0,1 20 python -m pytest -v --tb=short --timeout 150 tests/test_fsdp_gpu.py &
+     job overlap_gpu_test 1 20 python -m pytest -v --tb=short --timeout 150 tests/test_engine_gpu.py -k overlap &
+     wait ;;
+  H) # session 7, second call: vs_trl twice side by side, 24 steps each, with the final eval of both trained
+     # policies; lane 0 from the 200-step SFT model at lr 1e-5, lane 1 from a 120-step SFT model at lr 2e-5 (it
+     # starts lower); the layers compile with dynamic shapes, so GRPO reuses the SFT stage's compiled graphs
+     export SLIME_FSDP_COMPILE_DYNAMIC=${SLIME_FSDP_COMPILE_DYNAMIC:-1}
+     FAST_ARGS="$FAST_ARGS --sft-steps 200" VS_TRL_STEPS=24 TRL_MAX_SECONDS=${TRL_MAX_SECONDS:-170} \
+       VS_TRL_EXTRA="--lr 1e-5" RES_TAG=_lr1e-5 vs_trl_lane 0 &
+     FAST_ARGS="$FAST_ARGS --sft-steps 120" VS_TRL_STEPS=24 TRL_MAX_SECONDS=${TRL_MAX_SECONDS:-170} \
+       VS_TRL_EXTRA="--lr 2e-5" RES_TAG=_sft120 vs_trl_lane 1 &
+     wait ;;
+  I) # session 7, third call: the disaggregated RL step (1 trainer + 1 engine, NCCL) after the sampler fix
+     rl_disagg 0,1 20 ;;
   B) train_4b 0,1,2,3 4 "${AFTER_TRAIN:-330}"  # part 4, then (B_DISAGG=1) the disaggregated step, then part 3's training
      rl_fsdp4 "${AFTER_FSDP4:-150}"
      if [ "${B_DISAGG:-0}" = 1 ]; then rl_disagg 0,1 20 & fi
      train_4b 2,3 2 20 & wait ;;
-  *) echo "PART must be 1, 2, 3, 4 (or A-F on a 4-GPU host)" >&2; exit 2 ;;
+  *) echo "PART must be 1, 2, 3, 4, G, H, I (or A-F on a 4-GPU host)" >&2; exit 2 ;;
 esac
 nvidia-smi --query-gpu=name,memory.used --format=csv >> "$RES/suite.log" 2>&1
 tar czf "$OUT/results_$PART.tgz" -C "$RES" . && cp "$RES/suite.log" "$OUT/suite_$PART.log"

@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--offload", action="store_true", help="colocated modes: offload trainer/engine between phases")
     g.add_argument("--engine-mem-fraction", type=float, default=None,
                    help="--sglang-mem-fraction-static (default 0.3 colocated without offload, else the engine's)")
+    g.add_argument("--save-final-model", default=None,
+                   help="after the last step (outside its timing) write the trained policy here (HF checkpoint)")
     g.add_argument("--extra-args", default="", help="more train.py flags for the GRPO run, one string")
     return p
 
@@ -311,7 +313,11 @@ def run_grpo(o: argparse.Namespace, model: Path, data: dict[str, Path], workdir:
     def on_step(loop: Run, rollout_id: int, rollout_data: dict[str, Any], metrics: dict[str, float]) -> None:
         now = time.perf_counter()
         rows.append(_row(rollout_id, metrics, now - clock["t"], poller.pop_peaks_gb()))
-        clock["t"] = now
+        if o.save_final_model and rollout_id == o.num_steps - 1 and loop.trainer is not None:
+            if loop.colocated_offload:  # the trainer gave its GPU memory to the engine after the step
+                loop.trainer.onload()
+            loop.trainer.save_hf(str(Path(o.save_final_model).resolve()))
+        clock["t"] = time.perf_counter()
 
     run(parse_train_args(grpo_argv(o, model, data, workdir)), on_start=on_start, on_step=on_step)
     return rows, {"setup_seconds": round(clock["setup"], 1), "wall_seconds": round(time.perf_counter() - t0, 1)}
@@ -412,6 +418,8 @@ def benchmark(o: argparse.Namespace) -> dict[str, Any]:
         if started:
             ray.shutdown()
     result["grpo"] = timing
+    if o.save_final_model:
+        result["final_model"] = str(Path(o.save_final_model).resolve())
     result["rows"] = rows
     result["summary"] = summarize(rows)
     return result

@@ -23,8 +23,9 @@ same run and the 989 TFLOP/s H100 SXM datasheet figure.
 
 Baseline, same GPU and the same tokens as rank 0: a plain HF loop (fp32 weights, bf16 autocast,
 sdpa, one sample per forward, gradient accumulation over the step, torch AdamW, grad clipping).
-`--profile` adds one profiled rollout on rank 0 and prints two torch.profiler tables (by GPU time, by
-host time). `--variants` runs the trainer once per variant on the same checkpoint and rollouts (one
+`--profile [VARIANTS]` adds one profiled rollout on rank 0 (of every variant, or of those named) and prints two
+torch.profiler tables (by GPU time, by host time) and the kernel time by kind (matmul, attention, nccl, ...)
+against the rollout's wall time. `--variants` runs the trainer once per variant on the same checkpoint and rollouts (one
 baseline): `eager`, `fused` (SLIME_FSDP_COMPILE=1, slime/backends/fsdp/fused_ops.py), `layer`
 (SLIME_FSDP_COMPILE=layer, slime/backends/fsdp/layer_compile.py), `layer-dynamic` (the same with
 dynamic=True from the first call); the JSON keeps each under `variants` (`slime` is the first one) and
@@ -67,12 +68,20 @@ VARIANTS: dict[str, dict[str, str | None]] = {
     "layer-dynamic": {"SLIME_FSDP_COMPILE": "layer", "SLIME_FSDP_COMPILE_DYNAMIC": "1"},
 }
 # variant -> trainer flags added to every rank's command line (these variants run with "layer"'s environment)
+_KEEP, _ONCE = ["--fsdp-reshard-after-forward", "false"], ["--fsdp-reduce-grads-per-step"]
+_BF16, _CHUNK = ["--fsdp-grad-reduce-dtype", "bfloat16"], ["--log-probs-chunk-size", "1024"]
 VARIANT_FLAGS: dict[str, list[str]] = {
-    "layer-keep": ["--fsdp-reshard-after-forward", "false"],
-    "layer-reduce-once": ["--fsdp-reduce-grads-per-step"],
-    "layer-keep-reduce-once": ["--fsdp-reshard-after-forward", "false", "--fsdp-reduce-grads-per-step"],
+    "layer-keep": _KEEP,
+    "layer-reduce-once": _ONCE,
+    "layer-keep-reduce-once": _KEEP + _ONCE,
+    "layer-keep-bf16-reduce": _KEEP + _BF16,
+    "layer-keep-reduce-once-chunked": _KEEP + _ONCE + _CHUNK,
+    "layer-keep-reduce-once-bf16-chunked": _KEEP + _ONCE + _BF16 + _CHUNK,
 }
 VARIANTS.update({name: VARIANTS["layer"] for name in VARIANT_FLAGS})
+# each flag variant also with dynamic shapes from the first call: "<variant>-dynamic"
+VARIANT_FLAGS.update({f"{name}-dynamic": flags for name, flags in list(VARIANT_FLAGS.items())})
+VARIANTS.update({name: VARIANTS["layer-dynamic"] for name in VARIANT_FLAGS if name.endswith("-dynamic")})
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -91,7 +100,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--variants", default="env", help=f"comma-separated, from {', '.join(VARIANTS)}")
     p.add_argument("--alloc-conf", default="expandable_segments:True",
                    help="PYTORCH_CUDA_ALLOC_CONF for the run (micro-batch sizes vary; '' leaves it unset)")
-    p.add_argument("--profile", action="store_true", help="print a torch.profiler table of one extra rollout")
+    p.add_argument("--profile", nargs="?", const="all", default="",
+                   help="print torch.profiler tables of one extra rollout (of every variant, or of the "
+                        "comma-separated variants given)")
     p.add_argument("--model-dir", default=None, help="where to write the checkpoints (default: a temp dir)")
     p.add_argument("--smoke", action="store_true", help="CPU, tiny preset, gloo, 1 timed step, no warmup")
     p.add_argument("--out", default=None)
@@ -103,6 +114,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = [v for v in args.variant_list if v not in VARIANTS]
     if unknown or not args.variant_list or len(set(args.variant_list)) != len(args.variant_list):
         raise ValueError(f"--variants {args.variants!r}: expected distinct names from {', '.join(VARIANTS)}")
+    args.profile_variants = set(args.variant_list if args.profile == "all" else
+                                [v.strip() for v in args.profile.split(",") if v.strip()])
+    if args.profile_variants - set(args.variant_list):
+        raise ValueError(f"--profile {args.profile!r}: not among --variants {args.variants!r}")
     if not 0 < args.min_len <= args.max_len <= args.max_tokens_per_gpu:
         raise ValueError("need 0 < --min-len <= --max-len <= --max-tokens-per-gpu")
     return args
@@ -271,7 +286,7 @@ def slime_worker(rank: int, cfg: dict[str, Any], model_dir: str, port: int, resu
                   **_compile_counters(),
                   "peak_memory_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if device == "cuda" else None}
         if profile:
-            result["profile_top"] = profile
+            result["profile"] = profile
         Path(result_path).write_text(json.dumps(result))
     dist.barrier()
     dist.destroy_process_group()
@@ -292,7 +307,7 @@ def _compiled_layers(model) -> int:
     return compiled_layer_count(model)
 
 
-def _profile_rollout(trainer, cfg: dict[str, Any], rank: int) -> list[dict[str, Any]] | None:
+def _profile_rollout(trainer, cfg: dict[str, Any], rank: int) -> dict[str, Any] | None:
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cfg["device"] == "cuda" else [])
@@ -322,7 +337,28 @@ def _profile_rollout(trainer, cfg: dict[str, Any], rank: int) -> list[dict[str, 
         top.append({"name": e.key, "self_device_ms": dev / 1e3, "self_cpu_ms": e.self_cpu_time_total / 1e3,
                     "count": e.count})
     key = "self_device_ms" if cfg["device"] == "cuda" else "self_cpu_ms"
-    return sorted(top, key=lambda r: -r[key])[:15]
+    by_kind = kernel_ms_by_kind(top) if cfg["device"] == "cuda" else {}
+    print(f"== kernel time by kind (ms), profiled rollout wall {1e3 * wall:.0f} ms: {json.dumps(by_kind)}", flush=True)
+    return {"wall_ms": 1e3 * wall, "kernel_ms_by_kind": by_kind, "top": sorted(top, key=lambda r: -r[key])[:15]}
+
+
+KERNEL_KINDS = (("nccl", ("nccl",)), ("attention", ("flash", "fmha", "attn")),
+                ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "sm90_")),
+                ("adam", ("adam",)), ("triton", ("triton",)))
+
+
+def kernel_ms_by_kind(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Device time of the GPU kernels (rows with no host time of their own) summed by kind of kernel name;
+    set against the profiled wall time, the compute kinds show how much of it the GPU computed."""
+    out: dict[str, float] = {}
+    for row in rows:
+        if row["self_cpu_ms"] > 0 or row["self_device_ms"] <= 0:
+            continue  # an operator (its kernels are their own rows) or a host-only event
+        name = row["name"].lower()
+        kind = next((k for k, needles in KERNEL_KINDS if any(n in name for n in needles)), "other")
+        out[kind] = out.get(kind, 0.0) + row["self_device_ms"]
+    out["compute_total"] = sum(v for k, v in out.items() if k != "nccl")
+    return {k: round(v, 1) for k, v in out.items()}
 
 
 def baseline_worker(cfg: dict[str, Any], model_dir: str, result_path: str) -> None:
@@ -416,7 +452,7 @@ def run_preset(preset: str, args: argparse.Namespace, device: str, work: Path, p
     cfg = {"preset": preset, "device": device, "world": args.num_gpus, "shape": shape, "recompute": recompute,
            "samples_per_rank": args.samples_per_rank, "min_len": args.min_len, "max_len": args.max_len,
            "max_tokens": args.max_tokens_per_gpu, "chunk": args.log_probs_chunk_size, "steps": args.steps,
-           "warmup": args.warmup, "profile": args.profile,
+           "warmup": args.warmup,
            # fp32 weights + grads + Adam (16 B/param) would not leave room for activations: pure bf16 baseline
            "baseline_bf16": 16 * (dense_params(shape) + shape["vocab"] * shape["hidden"]) > 0.7 * gpu_bytes}
     out: dict[str, Any] = {"shape": shape, "dense_params": dense_params(shape), "num_gpus": args.num_gpus,
@@ -425,8 +461,8 @@ def run_preset(preset: str, args: argparse.Namespace, device: str, work: Path, p
         slime_path = work / f"{preset}.{variant}.slime.json"
         try:
             with _variant_env(variant):
-                _spawn(slime_worker, args.num_gpus, (dict(cfg, flags=VARIANT_FLAGS.get(variant, [])), str(model_dir),
-                                                     _free_port(), str(slime_path)))
+                variant_cfg = dict(cfg, flags=VARIANT_FLAGS.get(variant, []), profile=variant in args.profile_variants)
+                _spawn(slime_worker, args.num_gpus, (variant_cfg, str(model_dir), _free_port(), str(slime_path)))
             slime = json.loads(slime_path.read_text())
         except Exception as exc:  # one failing variant must not lose the others' numbers
             if len(args.variant_list) == 1:
@@ -438,7 +474,7 @@ def run_preset(preset: str, args: argparse.Namespace, device: str, work: Path, p
         slime["mfu_vs_measured_peak"] = achieved / peak_measured
         slime["mfu_vs_datasheet_989"] = achieved / H100_DATASHEET_BF16_TFLOPS if device == "cuda" else None
         out["variants"][variant] = slime
-        print(json.dumps({preset: {variant: {k: v for k, v in slime.items() if k != "profile_top"}}}),
+        print(json.dumps({preset: {variant: {k: v for k, v in slime.items() if k != "profile"}}}),
               file=sys.stderr, flush=True)
     ok = [v for v in args.variant_list if "error" not in out["variants"][v]]
     if not ok:
@@ -480,7 +516,7 @@ def _variant_env(variant: str) -> Iterator[None]:
 
 def summary_table(result: dict[str, Any]) -> str:
     """One line per preset and variant: tokens/s/GPU, model TFLOP/s/GPU, MFU, warmup (compile) time."""
-    lines = [f"{'preset':<12} {'variant':<14} {'tok/s/GPU':>10} {'TFLOP/s':>8} {'MFU meas':>8} {'MFU 989':>8} "
+    lines = [f"{'preset':<12} {'variant':<36} {'tok/s/GPU':>10} {'TFLOP/s':>8} {'MFU meas':>8} {'MFU 989':>8} "
              f"{'vs eager':>8} {'warmup s':>8} {'graphs':>6} {'breaks':>6}"]
     for preset, out in result["presets"].items():
         variants = out.get("variants", {})
@@ -489,17 +525,17 @@ def summary_table(result: dict[str, Any]) -> str:
             reference = variants["eager"]["tokens_per_s_per_gpu"]
         for name, v in variants.items():
             if "error" in v:
-                lines.append(f"{preset:<12} {name:<14} FAILED: {v['error'][-80:]}")
+                lines.append(f"{preset:<12} {name:<36} FAILED: {v['error'][-80:]}")
                 continue
             mfu989 = v.get("mfu_vs_datasheet_989")
-            lines.append(f"{preset:<12} {name:<14} {v['tokens_per_s_per_gpu']:>10.0f} "
+            lines.append(f"{preset:<12} {name:<36} {v['tokens_per_s_per_gpu']:>10.0f} "
                          f"{v['model_tflops_per_s_per_gpu']:>8.1f} {100 * v['mfu_vs_measured_peak']:>7.1f}% "
                          + (f"{100 * mfu989:>7.1f}% " if mfu989 is not None else f"{'-':>8} ")
                          + f"{v['tokens_per_s_per_gpu'] / reference:>7.2f}x {sum(v.get('warmup_seconds') or [0]):>8.1f} "
                          f"{v.get('compiled_graphs', 0):>6} {v.get('graph_breaks', 0):>6}")
         base = out.get("hf_baseline")
         if base and "tokens_per_s" in base:
-            lines.append(f"{preset:<12} {'hf-baseline':<14} {base['tokens_per_s']:>10.0f}")
+            lines.append(f"{preset:<12} {'hf-baseline':<36} {base['tokens_per_s']:>10.0f}")
     return "\n".join(lines)
 
 

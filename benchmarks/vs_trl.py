@@ -16,7 +16,11 @@ accumulation over micro-batches of --trl-micro-batch completions, one generation
 same number of steps. TRL runs without gradient checkpointing (slime recomputes nothing either).
 Per-step time is wall time per optimizer step (generation, scoring, log-probs, backward, optimizer; for slime
 also the weight sync), `*_seconds` their sum over all steps (start-up excluded, shown apart); final reward is
-the mean training reward of the last 3 steps. Prints one JSON object (`--out` also writes it).
+the mean training reward of the last 3 steps. Per-step rewards are noisy (256 samples of changing prompts), so
+both trained policies are also scored after the run (`final_eval`, --final-eval-prompts x --final-eval-samples):
+the SFT start, slime's and TRL's final weights, each sampled by the same HF `generate` with the same seed on the
+same train prompts; `slime_minus_trl` comes with its standard error. Prints one JSON object (`--out` also
+writes it).
 """
 
 from __future__ import annotations
@@ -58,7 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "over the steps TRL finished")
     p.add_argument("--rl-step-args", default="", help="more benchmarks/rl_step.py flags for the slime run")
     p.add_argument("--skip-slime", action="store_true", help="TRL only (needs --sft-model)")
+    p.add_argument("--final-eval-prompts", type=int, default=256,
+                   help="score the SFT model and both trained policies on this many train prompts (0: no final eval)")
+    p.add_argument("--final-eval-samples", type=int, default=4, help="samples per prompt of the final eval")
     p.add_argument("--trl-worker", action="store_true", help=argparse.SUPPRESS)  # internal: the TRL subprocess
+    p.add_argument("--eval-worker", default=None, help=argparse.SUPPRESS)  # internal: JSON {name: model dir}
     p.add_argument("--data", default=None, help=argparse.SUPPRESS)
     return p
 
@@ -68,6 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if o.smoke:
         o.num_steps, o.rollout_batch_size, o.n_samples_per_prompt, o.max_response_len = 2, 4, 2, 4
         o.trl_micro_batch = 4
+        o.final_eval_prompts, o.final_eval_samples = min(o.final_eval_prompts, 4), min(o.final_eval_samples, 2)
     samples = o.rollout_batch_size * o.n_samples_per_prompt
     o.trl_micro_batch = min(o.trl_micro_batch, samples)
     if samples % o.trl_micro_batch:
@@ -152,6 +161,10 @@ def run_trl(o: argparse.Namespace) -> dict[str, Any]:
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
+    final_model = None
+    if o.final_eval_prompts > 0:
+        final_model = str(Path(o.workdir) / "trl_final_model")
+        trainer.save_model(final_model)
     logs = [entry for entry in trainer.state.log_history if "reward" in entry]
     rewards = [float(entry["reward"]) for entry in logs]
     return {
@@ -159,9 +172,63 @@ def run_trl(o: argparse.Namespace) -> dict[str, Any]:
         "step_seconds": [round(s, 4) for s in timer.seconds], "rewards": [round(r, 4) for r in rewards],
         "completion_len": [round(float(e.get("completions/mean_length", 0.0)), 2) for e in logs],
         "peak_allocated_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if on_gpu else None,
+        "final_model": final_model,
         "versions": {"trl": __import__("trl").__version__, "transformers": __import__("transformers").__version__,
                      "torch": torch.__version__},
     }
+
+
+# ---------------------------------------------------------------------------------------------------- final eval
+def run_eval(o: argparse.Namespace) -> dict[str, Any]:
+    """Every model of --eval-worker sampled by one sampler (HF `generate`, fp32 weights under bf16 autocast on
+    GPU, as TRL generates; the same seed for each model) on the first --final-eval-prompts train prompts x
+    --final-eval-samples, scored with the task's exact-answer check."""
+    import torch
+
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    from rollout_fidelity import hf_samples, score
+
+    from slime.data.chat_template import load_tokenizer, render_chat
+    from slime.engine.llm_engine import read_eos_token_ids
+    from transformers import AutoConfig
+
+    models: dict[str, str] = json.loads(o.eval_worker)
+    device = "cuda" if torch.cuda.is_available() and not o.smoke else "cpu"
+    rows = [json.loads(line) for line in Path(o.data).read_text().splitlines() if line.strip()][:o.final_eval_prompts]
+    reference = next(iter(models.values()))
+    tokenizer = load_tokenizer(reference)
+    rendered = [tokenizer.encode(render_chat(tokenizer, r["messages"]), add_special_tokens=False) for r in rows]
+    prompts = [p for p in rendered for _ in range(o.final_eval_samples)]
+    labels = [str(r["label"]) for r in rows for _ in range(o.final_eval_samples)]
+    eos = read_eos_token_ids(reference, AutoConfig.from_pretrained(reference))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    sampling = argparse.Namespace(temperature=o.temperature, max_new_tokens=o.max_response_len)
+    mode = "autocast" if device == "cuda" else "float32"
+    out: dict[str, Any] = {"sampler": f"HF generate ({mode}), temperature {o.temperature}, same seed per model",
+                           "sequences": len(prompts), "prompts": len(rows), "models": {}}
+    for name, path in models.items():
+        samples, seconds = hf_samples(Path(path), mode, prompts, sampling, device, eos, pad)
+        scored = score(name, samples, labels, tokenizer, seconds)
+        p = scored["accuracy"]
+        out["models"][name] = {"accuracy": p, "stderr": round((p * (1 - p) / len(prompts)) ** 0.5, 4),
+                               "mean_length": scored["mean_length"], "path": path}
+        print(f"[vs_trl] final eval {name}: {json.dumps(out['models'][name])}", flush=True)
+    return out
+
+
+def final_eval(o: argparse.Namespace, workdir: Path, models: dict[str, str], data: Path) -> dict[str, Any]:
+    """`run_eval` in a subprocess (GPU memory starts clean); adds slime - TRL and its standard error."""
+    out = workdir / "final_eval.json"
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--eval-worker", json.dumps(models), "--workdir",
+           str(workdir), "--data", str(data), "--out", str(out), "--final-eval-prompts", str(o.final_eval_prompts),
+           "--final-eval-samples", str(o.final_eval_samples)] + _shared_flags(o) + (["--smoke"] if o.smoke else [])
+    _run(cmd, "final eval")
+    result = json.loads(out.read_text())
+    scores = result["models"]
+    if "slime" in scores and "trl" in scores:
+        result["slime_minus_trl"] = round(scores["slime"]["accuracy"] - scores["trl"]["accuracy"], 4)
+        result["stderr_of_difference"] = round((scores["slime"]["stderr"] ** 2 + scores["trl"]["stderr"] ** 2) ** 0.5, 4)
+    return result
 
 
 # ---------------------------------------------------------------------------------------------------- driver
@@ -180,6 +247,8 @@ def run_slime(o: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         cmd.append("--smoke")
     if o.sft_model:
         cmd += ["--sft-model", o.sft_model]
+    if o.final_eval_prompts > 0:
+        cmd += ["--save-final-model", str(workdir / "slime_final_model")]
     _run(cmd + o.rl_step_args.split(), "slime")
     return json.loads(out.read_text())
 
@@ -188,7 +257,8 @@ def trl_subprocess(o: argparse.Namespace, workdir: Path, sft_model: str, data: P
     out = workdir / "trl.json"
     cmd = [sys.executable, str(Path(__file__).resolve()), "--trl-worker", "--workdir", str(workdir),
            "--sft-model", sft_model, "--data", str(data), "--out", str(out),
-           "--trl-micro-batch", str(o.trl_micro_batch)] + _shared_flags(o)
+           "--trl-micro-batch", str(o.trl_micro_batch), "--final-eval-prompts", str(o.final_eval_prompts)
+           ] + _shared_flags(o)
     if o.trl_max_seconds is not None:
         cmd += ["--trl-max-seconds", str(o.trl_max_seconds)]
     if o.smoke:
@@ -252,6 +322,9 @@ def compare(o: argparse.Namespace) -> dict[str, Any]:
         result["slime"] = {"step_seconds": [r["step_s"] for r in slime["rows"]], "rewards": slime_rewards,
                            "setup_seconds": slime["grpo"]["setup_seconds"], "summary": slime["summary"]}
     result["trl"] = trl
+    models = {"sft": sft_model, "slime": (slime or {}).get("final_model"), "trl": trl.get("final_model")}
+    if o.final_eval_prompts > 0:
+        result["final_eval"] = final_eval(o, workdir, {k: v for k, v in models.items() if v}, data)
     return result
 
 
@@ -260,6 +333,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     o = parse_args(sys.argv[1:] if argv is None else argv)
     from benchmarks.report import emit_json
 
+    if o.eval_worker:
+        return emit_json(run_eval(o), o.out, echo=False)
     return emit_json(run_trl(o) if o.trl_worker else compare(o), o.out, echo=not o.trl_worker)
 
 

@@ -81,14 +81,24 @@ def test_vs_trl_smoke(tmp_path):
     assert 0.0 <= result["slime_final_reward"] <= 1.0 and 0.0 <= result["trl_final_reward"] <= 1.0
     assert len(result["trl"]["step_seconds"]) == 2 and len(result["trl"]["rewards"]) == 2
     assert result["settings"]["samples_per_step"] == 8
+    # the final eval samples the SFT start and both trained policies with one sampler on the same prompts
+    final = result["final_eval"]
+    assert set(final["models"]) == {"sft", "slime", "trl"} and final["sequences"] == 4 * 2
+    for name, scored in final["models"].items():
+        assert 0.0 <= scored["accuracy"] <= 1.0 and Path(scored["path"], "config.json").exists(), name
+    assert final["slime_minus_trl"] == pytest.approx(
+        final["models"]["slime"]["accuracy"] - final["models"]["trl"]["accuracy"], abs=1e-4)
+    assert final["models"]["slime"]["path"] != final["models"]["sft"]["path"]
 
 
 @pytest.mark.skipif(not HAS_TRL, reason="needs trl and datasets (pip install -e '.[bench]')")
 def test_vs_trl_time_budget_compares_the_steps_trl_finished(tmp_path):
     """--trl-max-seconds 0 stops TRL after its first step; slime's side is then cut to that one step too."""
     out = tmp_path / "vs_trl.json"
-    _script("vs_trl.py", "--smoke", "--workdir", str(tmp_path / "work"), "--out", str(out), "--trl-max-seconds", "0")
+    _script("vs_trl.py", "--smoke", "--workdir", str(tmp_path / "work"), "--out", str(out), "--trl-max-seconds", "0",
+            "--final-eval-prompts", "0")
     result = json.loads(out.read_text())
+    assert "final_eval" not in result and result["trl"]["final_model"] is None
     assert result["steps_compared"] == 1 and len(result["trl"]["step_seconds"]) == 1
     assert result["slime_seconds"] == pytest.approx(result["slime"]["step_seconds"][0], abs=1e-3)
 

@@ -54,3 +54,23 @@ def test_loss_overhead_benchmark_counts_fewer_ops_than_the_per_sample_loop(tmp_p
     assert small["slime"]["ops"] == large["slime"]["ops"]  # independent of the number of samples
     assert large["per_sample_loop"]["ops"] > 10 * large["slime"]["ops"]
     assert all(row[name]["ms"] > 0 for row in result["rows"] for name in ("slime", "per_sample_loop"))
+
+
+def test_profile_kernel_kinds_and_variant_selection() -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from train_throughput import kernel_ms_by_kind, parse_args
+
+    rows = [{"name": "ncclDevKernel_AllGather_RING_LL", "self_cpu_ms": 0.0, "self_device_ms": 5.0},
+            {"name": "aten::mm", "self_cpu_ms": 3.0, "self_device_ms": 9.0},  # an operator: its kernel is a row
+            {"name": "nvjet_tst_128x256_64x4", "self_cpu_ms": 0.0, "self_device_ms": 9.0},
+            {"name": "pytorch_flash::flash_fwd_kernel", "self_cpu_ms": 0.0, "self_device_ms": 4.0},
+            {"name": "triton_poi_fused_mul_0", "self_cpu_ms": 0.0, "self_device_ms": 2.0},
+            {"name": "void at::native::vectorized_elementwise_kernel", "self_cpu_ms": 0.0, "self_device_ms": 1.0}]
+    assert kernel_ms_by_kind(rows) == {"nccl": 5.0, "matmul": 9.0, "attention": 4.0, "triton": 2.0, "other": 1.0,
+                                       "compute_total": 16.0}
+    variants = "layer-keep,layer-keep-reduce-once-bf16-chunked-dynamic"
+    assert parse_args(["--variants", variants, "--profile", "layer-keep"]).profile_variants == {"layer-keep"}
+    assert parse_args(["--variants", variants, "--profile"]).profile_variants == set(variants.split(","))
+    assert parse_args(["--variants", variants]).profile_variants == set()
+    with pytest.raises(ValueError, match="--profile 'eager'"):
+        parse_args(["--variants", variants, "--profile", "eager"])

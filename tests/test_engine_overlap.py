@@ -158,3 +158,12 @@ def test_overlap_needs_tp_size_one_and_the_server_flag_turns_it_on(tiny_model_di
     args = parse_server_args(["--model-path", str(tiny_model_dir), "--device", "cpu", "--enable-overlap-schedule"])
     assert engine_config_kwargs(args)["overlap_schedule"] is True
     assert "overlap_schedule" not in engine_config_kwargs(parse_server_args(["--model-path", str(tiny_model_dir)]))
+    off = parse_server_args(["--model-path", str(tiny_model_dir), "--disable-overlap-schedule"])
+    assert engine_config_kwargs(off)["overlap_schedule"] is False
+    both = parse_server_args(["--model-path", str(tiny_model_dir), "--disable-overlap-schedule",
+                              "--enable-overlap-schedule"])
+    with pytest.raises(ValueError, match="contradict"):
+        engine_config_kwargs(both)
+    # unset: on for CUDA at tp 1 only (the GPU test compares it with the step-by-step engine there)
+    assert not EngineConfig(str(tiny_model_dir), device="cpu").uses_overlap_schedule
+    assert EngineConfig(str(tiny_model_dir), device="cpu", overlap_schedule=True).uses_overlap_schedule

@@ -90,12 +90,12 @@ def test_gpu_mixed_precision_offload_and_checkpoint(tmp_path, tiny_model_factory
     assert out["value_losses"][-1] < out["value_losses"][0], out["value_losses"]
 
 
-def _two_gpu_scenario(rank: int, world_size: int, model_dir: str) -> dict:
+def _two_gpu_scenario(rank: int, world_size: int, model_dir: str, overrides: dict | None = None) -> dict:
     from slime.ray.data_split import split_rollout_data
     from slime.backends.fsdp.trainer import FSDPTrainer
 
     data = make_rollout_data(8, seed=12)
-    trainer = FSDPTrainer(make_args(model_dir, **BASE))
+    trainer = FSDPTrainer(make_args(model_dir, **dict(BASE, **(overrides or {}))))
     trainer.init()
     shard = split_rollout_data(data, world_size, 4)[rank]
     steps = trainer.train(0, shard)["steps"]
@@ -103,10 +103,17 @@ def _two_gpu_scenario(rank: int, world_size: int, model_dir: str) -> dict:
     return dict(steps=steps, weights=weights)
 
 
+# the communication options of FSDP: gradients reduced once per step (in bf16), layers kept gathered
+ONE_REDUCTION = dict(use_dynamic_batch_size=True, max_tokens_per_gpu=40, fsdp_reduce_grads_per_step=True,
+                     fsdp_reshard_after_forward="false", fsdp_grad_reduce_dtype="bfloat16")
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
-def test_two_gpus_match_one(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("overrides", [{}, ONE_REDUCTION], ids=["default", "reduce-once-bf16"])
+def test_two_gpus_match_one(tmp_path, tiny_model_dir, overrides):
     one = run_ranks(_two_gpu_scenario, 1, tmp_path, backend="nccl", model_dir=str(tiny_model_dir))[0]
-    two = run_ranks(_two_gpu_scenario, 2, tmp_path, backend="nccl", model_dir=str(tiny_model_dir))
+    two = run_ranks(_two_gpu_scenario, 2, tmp_path, backend="nccl", model_dir=str(tiny_model_dir),
+                    overrides=overrides)
     for res in two:
         for a, b in zip(res["steps"], one["steps"]):
             for key in ("loss", "pg_loss", "kl_loss", "grad_norm"):

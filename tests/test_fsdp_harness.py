@@ -26,7 +26,7 @@ TRAINER_DEFAULTS: dict[str, Any] = dict(
     num_rollout=10, micro_batch_size=2, use_dynamic_batch_size=False, max_tokens_per_gpu=None,
     log_probs_max_tokens_per_gpu=None, log_probs_chunk_size=-1, balance_data=False,
     only_train_params_name_list=None, freeze_params_name_list=None, recompute_granularity=None,
-    fsdp_reshard_after_forward="auto", fsdp_reduce_grads_per_step=False,
+    fsdp_reshard_after_forward="auto", fsdp_reduce_grads_per_step=False, fsdp_grad_reduce_dtype="float32",
     lr=1e-3, min_lr=0.0, lr_decay_style="constant", lr_warmup_iters=0, lr_warmup_fraction=None, lr_decay_iters=None,
     weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.98, adam_eps=1e-8, clip_grad=1.0, reset_optimizer_states=False,
     rollout_temperature=1.0, advantage_estimator="grpo", loss_type="policy_loss", custom_loss_function_path=None,

@@ -104,6 +104,32 @@ def test_optimizer_skips_weight_decay_for_vectors_and_frozen_params():
         build_optimizer([("f", frozen)], _opt_args())
 
 
+def test_optimizer_is_fused_on_gpu_and_a_plain_loop_on_cpu():
+    from slime.backends.fsdp.optimizer import build_optimizer
+
+    w = torch.nn.Parameter(torch.ones(2, 2))
+    cpu = build_optimizer([("w", w)], _opt_args(device="cpu")).param_groups[0]
+    assert not cpu["fused"] and cpu["foreach"] is False
+    if torch.cuda.is_available():
+        gpu = build_optimizer([("w", torch.nn.Parameter(torch.ones(2, 2, device="cuda")))], _opt_args(device="cuda"))
+        assert gpu.param_groups[0]["fused"]
+
+
+def test_mixed_precision_policy_follows_the_grad_reduce_dtype_flag(tiny_model_dir):
+    from slime.backends.fsdp.model import mixed_precision
+    from slime.utils.arguments import parse_args
+
+    assert mixed_precision("cuda").reduce_dtype == torch.float32 and mixed_precision("cuda").param_dtype == torch.bfloat16
+    assert mixed_precision("cuda", "bfloat16").reduce_dtype == torch.bfloat16
+    assert mixed_precision("cpu", "bfloat16").param_dtype is None  # CPU trains in fp32 throughout
+    with pytest.raises(ValueError, match="--fsdp-grad-reduce-dtype 'float16'"):
+        mixed_precision("cuda", "float16")
+    base = ["--hf-checkpoint", str(tiny_model_dir), "--rollout-batch-size", "4", "--num-rollout", "1",
+            "--actor-num-gpus-per-node", "1"]
+    assert parse_args(base).fsdp_grad_reduce_dtype == "float32"
+    assert parse_args(base + ["--fsdp-grad-reduce-dtype", "bfloat16"]).fsdp_grad_reduce_dtype == "bfloat16"
+
+
 # ----------------------------------------------------------------- batching
 def test_split_into_steps_and_fixed_micro_batches():
     from slime.backends.fsdp.batching import plan_micro_batches, split_into_steps

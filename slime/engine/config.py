@@ -38,7 +38,8 @@ class EngineConfig:
     seed: int = 0
     enforce_eager: bool = False
     tp_size: int = 1
-    overlap_schedule: bool = False  # enqueue decode step N+1 before step N's tokens reach the host (overlap.py)
+    # enqueue decode step N+1 before step N's tokens reach the host (overlap.py); None: on for CUDA at tp 1
+    overlap_schedule: bool | None = None
 
     def __post_init__(self) -> None:
         if not os.path.isdir(self.model_path):
@@ -66,6 +67,14 @@ class EngineConfig:
         if self.overlap_schedule and self.tp_size != 1:
             raise ValueError("--enable-overlap-schedule needs --tp-size 1 (the tensor-parallel workers take their "
                              "input tokens from the host)")
+
+    @property
+    def uses_overlap_schedule(self) -> bool:
+        """Explicit on/off wins; by default on where it pays (a CUDA device waits on the host between steps;
+        verified equal to the step-by-step engine on H200), off on CPU and with tensor parallelism."""
+        if self.overlap_schedule is not None:
+            return self.overlap_schedule
+        return self.device.startswith("cuda") and self.tp_size == 1
 
     def resolve_dtype(self, checkpoint_dtype: str | torch.dtype | None) -> torch.dtype:
         """Explicit --dtype wins; otherwise float32 on CPU (exact), and on GPU the checkpoint's dtype except

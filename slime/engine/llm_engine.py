@@ -89,7 +89,7 @@ class LLMEngine:
         self.requests: dict[str, Sequence] = {}
         self.pending_outputs: list[TokenOutput] = []
         self.kv_cache_released = False
-        self.overlap = OverlapStepper(self) if config.overlap_schedule else None
+        self.overlap = OverlapStepper(self) if config.uses_overlap_schedule else None
 
     # ---- requests -------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,

@@ -31,7 +31,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--random-seed", type=int, default=None)
     parser.add_argument("--disable-cuda-graph", action="store_true")
     parser.add_argument("--enable-overlap-schedule", action="store_true",
-                        help="enqueue each decode step before the previous one's tokens reach the host (tp 1)")
+                        help="enqueue each decode step before the previous one's tokens reach the host (tp 1; the "
+                             "default on CUDA at tp 1, this also turns it on for CPU)")
+    parser.add_argument("--disable-overlap-schedule", action="store_true",
+                        help="decode step by step (the host waits for each step's tokens)")
     parser.add_argument("--skip-server-warmup", action="store_true",
                         help="GPU: do not compile the kernels and capture the decode graphs before serving "
                              "(the first requests then pay for it).")
@@ -81,6 +84,14 @@ def engine_config_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "max_num_seqs": args.max_running_requests, "kv_cache_tokens": args.max_total_tokens,
         "max_num_batched_tokens": prefill, "block_size": args.page_size, "seed": args.random_seed,
         "enforce_eager": args.disable_cuda_graph or None, "tp_size": args.tp_size,
-        "overlap_schedule": args.enable_overlap_schedule or None,
+        "overlap_schedule": _overlap_choice(args),
     }
     return {k: v for k, v in kwargs.items() if v is not None}
+
+
+def _overlap_choice(args: argparse.Namespace) -> bool | None:
+    if args.enable_overlap_schedule and args.disable_overlap_schedule:
+        raise ValueError("--enable-overlap-schedule and --disable-overlap-schedule contradict each other")
+    if args.enable_overlap_schedule or args.disable_overlap_schedule:
+        return bool(args.enable_overlap_schedule)
+    return None

@@ -169,15 +169,27 @@ def reshard_after_forward(setting: str, device: str, num_ranks: int, recompute: 
     return setting == "true"
 
 
+GRAD_REDUCE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def mixed_precision(device: str, grad_reduce_dtype: str = "float32") -> MixedPrecisionPolicy:
+    """CUDA: bf16 compute over the fp32 sharded master weights; gradients reduce-scattered (and, under
+    --fsdp-reduce-grads-per-step, accumulated across micro-batches) in --fsdp-grad-reduce-dtype. CPU: fp32."""
+    if grad_reduce_dtype not in GRAD_REDUCE_DTYPES:
+        raise ValueError(f"--fsdp-grad-reduce-dtype {grad_reduce_dtype!r}: expected one of {', '.join(GRAD_REDUCE_DTYPES)}")
+    if device != "cuda":
+        return MixedPrecisionPolicy()
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=GRAD_REDUCE_DTYPES[grad_reduce_dtype])
+
+
 def shard_model(model: nn.Module, mesh: DeviceMesh, device: str, *, recompute: bool,
-                reshard: str = "auto") -> nn.Module:
+                reshard: str = "auto", grad_reduce_dtype: str = "float32") -> nn.Module:
     if recompute:
         if hasattr(model.hf, "activation_checkpointing_enable"):
             model.hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device == "cuda"
-          else MixedPrecisionPolicy())
+    mp = mixed_precision(device, grad_reduce_dtype)
     layers = decoder_layers(model.hf)
     for layer in layers:
         fully_shard(layer, mesh=mesh, mp_policy=mp,
@@ -225,7 +237,8 @@ def build_sharded_policy(args: Any, mesh: DeviceMesh, path: str | None = None, r
         fuse_elementwise_ops(hf_model)
     wrapper = ValueModel(hf_model) if role == "critic" else PolicyModel(hf_model)
     model = shard_model(wrapper, mesh, device, recompute=recompute,
-                        reshard=getattr(args, "fsdp_reshard_after_forward", "auto"))
+                        reshard=getattr(args, "fsdp_reshard_after_forward", "auto"),
+                        grad_reduce_dtype=getattr(args, "fsdp_grad_reduce_dtype", "float32"))
     if not multi_rank:
         return model
     if dist.get_rank() != 0:

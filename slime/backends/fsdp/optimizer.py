@@ -118,9 +118,10 @@ def build_optimizer(named_params: Iterable[tuple[str, torch.nn.Parameter]], args
                          "froze everything")
     groups = [g for g in ({"params": decay, "weight_decay": float(getattr(args, "weight_decay", 0.0) or 0.0)},
                           {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    on_gpu = str(getattr(args, "device", "cpu")) == "cuda"
     return torch.optim.AdamW(
         groups, lr=float(args.lr), betas=(float(args.adam_beta1), float(args.adam_beta2)), eps=float(args.adam_eps),
-        foreach=str(getattr(args, "device", "cpu")) == "cuda",  # multi-tensor kernels on GPU; CPU keeps the loop
+        fused=on_gpu or None, foreach=None if on_gpu else False,  # one fused kernel per group on GPU (DTensors too)
     )
 
 

@@ -395,19 +395,23 @@ class FSDPTrainer:
         sums: dict[str, Any] = defaultdict(float)  # detached tensors: one host sync per step, not per micro-batch
         extrema: dict[str, list[Any]] = defaultdict(list)
         reduce_once = bool(_arg(args, "fsdp_reduce_grads_per_step", False)) and isinstance(self.model, FSDPModule)
-        for position, indices in enumerate(plan):
-            mb = _select(batch, indices)
-            row = self._row(batch, indices)
-            loss, metrics = self._loss_of_micro_batch(mb, indices, row)
-            if reduce_once:  # every rank runs the same number of micro-batches (empty ones included)
-                self.model.set_requires_gradient_sync(position == len(plan) - 1)
-            (loss * scale).backward()
-            for key, value in metrics.items():
-                value = value.detach().float() if torch.is_tensor(value) else float(value)
-                if key in EXTREMUM_METRICS:
-                    extrema[key].append(value)
-                else:
-                    sums[key] = sums[key] + value
+        try:
+            for position, indices in enumerate(plan):
+                mb = _select(batch, indices)
+                row = self._row(batch, indices)
+                if reduce_once:  # every rank runs the same number of micro-batches (empty ones included)
+                    self._communicate_after_backward(position == len(plan) - 1)
+                loss, metrics = self._loss_of_micro_batch(mb, indices, row)
+                (loss * scale).backward()
+                for key, value in metrics.items():
+                    value = value.detach().float() if torch.is_tensor(value) else float(value)
+                    if key in EXTREMUM_METRICS:
+                        extrema[key].append(value)
+                    else:
+                        sums[key] = sums[key] + value
+        finally:
+            if reduce_once:
+                self._communicate_after_backward(True)
         sums = _to_host_floats(sums)
         extrema = {k: [float(v) for v in vs] for k, vs in extrema.items()}
         keys = sorted(set().union(*self._gather_keys(sums)))
@@ -429,6 +433,13 @@ class FSDPTrainer:
         if not finite:
             self._skip_nonfinite_step(grad_norm, step_metrics.get("loss"))
         return step_metrics
+
+    def _communicate_after_backward(self, communicate: bool) -> None:
+        """--fsdp-reduce-grads-per-step: before the step's last micro-batch, backward neither reduce-scatters the
+        gradients (they accumulate unsharded) nor frees the gathered parameters (the next micro-batch's forward
+        needs no all-gather); the last micro-batch does both, so the step ends sharded as usual."""
+        self.model.set_requires_gradient_sync(communicate)
+        self.model.set_reshard_after_backward(communicate)
 
     def _skip_nonfinite_step(self, grad_norm: float, loss: float | None) -> None:
         """The step was not applied (weights, optimizer state, LR schedule unchanged); too many in a row stop the run."""

@@ -27,7 +27,9 @@ ENGINE_FLAGS: dict[str, tuple[Any, str]] = {
     "random-seed": (int, "Engine sampling seed."),
     "disable-cuda-graph": ("flag", "Run decode eagerly (no CUDA graphs)."),
     "enable-overlap-schedule": ("flag", "Built-in engine: enqueue each decode step before the previous one's "
-                                        "tokens reach the host (experimental, tp 1)."),
+                                        "tokens reach the host (default on CUDA at tp 1; this also turns it on "
+                                        "on CPU)."),
+    "disable-overlap-schedule": ("flag", "Built-in engine: decode step by step (the host waits for each step)."),
     "cuda-graph-max-bs": (int, "Largest decode batch captured in a CUDA graph."),
     "enable-memory-saver": ("flag", "Allow releasing/resuming weights and KV cache (colocated training)."),
     "disable-radix-cache": ("flag", "Turn off prefix caching."),

@@ -33,7 +33,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "false on one GPU without --recompute-granularity full, true otherwise.")
     group.add_argument("--fsdp-reduce-grads-per-step", action="store_true", default=False,
                        help="Reduce-scatter gradients once per optimizer step instead of after every micro-batch; "
-                            "holds an unsharded fp32 gradient (4 bytes per parameter) between micro-batches.")
+                            "holds an unsharded gradient (4 bytes per parameter in fp32) and the gathered bf16 "
+                            "parameters between micro-batches, so only the step's first all-gather and last "
+                            "reduce-scatter communicate.")
+    group.add_argument("--fsdp-grad-reduce-dtype", choices=["float32", "bfloat16"], default="float32",
+                       help="dtype of the gradient reduce-scatter on GPU (and of the unsharded accumulation under "
+                            "--fsdp-reduce-grads-per-step): bfloat16 halves the bytes; the sharded gradients "
+                            "and Adam stay fp32.")
     group.add_argument("--max-nan-steps", type=int, default=3,
                        help="Optimizer steps with a NaN/Inf loss or gradient are skipped and logged; the run stops "
                             "with an error after this many in a row.")
