@@ -30,7 +30,7 @@
 #                     training over 2 GPUs with both FSDP options (GPUs 2,3)
 #   PART G  GPUs 0,1  4B training over 2 GPUs with the FSDP communication variants (one profiled), the FSDP GPU tests
 #   PART H  GPUs 0,1  vs_trl twice side by side (lr 1e-5 from the 200-step SFT model; lr 2e-5 from 120 steps)
-#   PART I  GPUs 0,1  the disaggregated RL step
+#   PART I  GPUs 0,1  4B training on token-balanced shares with the compiled vocabulary head; the disaggregated RL step
 # Jobs run under timeouts that leave time to pack the results; each Ray user starts its own instance.
 # Ray, fastapi, uvicorn, trl, ... must be importable (docs/gpu_runs.md: how to carry them as wheels).
 set -u
@@ -97,12 +97,12 @@ tp_lane() {  # GPU,GPU RESERVE
 }
 rl_disagg() {  # GPU,GPU RESERVE
   job rl_disagg "$1" "$2" python benchmarks/rl_step.py --mode disaggregated --workdir /tmp/rl2 \
-      --num-steps "${RL_STEPS:-8}" --out $RES/rl_step_disaggregated.json
+      --num-steps "${RL_STEPS:-8}" --out $RES/rl_step_disaggregated.json ${RL_DISAGG_EXTRA:-}
 }
 train_4b() {  # GPUS N RESERVE
   job "train_4b_x$2" "$1" "$3" python benchmarks/train_throughput.py --presets qwen3-4b --num-gpus "$2" \
       --variants "${TRAIN_VARIANTS:-eager,layer}" --no-baseline --model-dir $MODELS/train$2 \
-      --out "$RES/train_throughput_qwen3-4b_$2gpu.json" ${TRAIN_PROFILE:+--profile "$TRAIN_PROFILE"}
+      --out "$RES/train_throughput_qwen3-4b_$2gpu.json" ${TRAIN_PROFILE:+--profile "$TRAIN_PROFILE"} ${TRAIN_EXTRA:-}
 }
 rl_fsdp4() {  # RESERVE
   job rl_fsdp4 0,1,2,3 "$1" python benchmarks/rl_step.py --mode fsdp4 --workdir /tmp/rl4 --num-steps "${RL_STEPS:-8}" \
@@ -183,8 +183,13 @@ case "$PART" in
      FAST_ARGS="$FAST_ARGS --sft-steps 120" VS_TRL_STEPS=24 TRL_MAX_SECONDS=${TRL_MAX_SECONDS:-170} \
        VS_TRL_EXTRA="--lr 2e-5" RES_TAG=_sft120 vs_trl_lane 1 &
      wait ;;
-  I) # session 7, third call: the disaggregated RL step (1 trainer + 1 engine, NCCL) after the sampler fix
-     rl_disagg 0,1 20 ;;
+  I) # session 7, third call: 4B training over 2 GPUs on token-balanced rank shares (train.py's --balance-data)
+     # with the compiled vocabulary head; then the disaggregated RL step (1 trainer + 1 engine, NCCL) after the
+     # sampler fix
+     TRAIN_EXTRA="--balance-data" \
+       TRAIN_VARIANTS=${TRAIN_VARIANTS:-layer-keep,layer-keep-reduce-once-chunked,layer-keep-reduce-once-chunked-head,layer-keep-reduce-once-bf16-chunked-head} \
+       TRAIN_PROFILE=${TRAIN_PROFILE:-layer-keep-reduce-once-chunked-head} train_4b 0,1 2 200
+     RL_DISAGG_EXTRA="--sft-steps 60" rl_disagg 0,1 20 ;;
   B) train_4b 0,1,2,3 4 "${AFTER_TRAIN:-330}"  # part 4, then (B_DISAGG=1) the disaggregated step, then part 3's training
      rl_fsdp4 "${AFTER_FSDP4:-150}"
      if [ "${B_DISAGG:-0}" = 1 ]; then rl_disagg 0,1 20 & fi

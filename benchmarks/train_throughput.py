@@ -79,9 +79,12 @@ VARIANT_FLAGS: dict[str, list[str]] = {
     "layer-keep-reduce-once-bf16-chunked": _KEEP + _ONCE + _BF16 + _CHUNK,
 }
 VARIANTS.update({name: VARIANTS["layer"] for name in VARIANT_FLAGS})
-# each flag variant also with dynamic shapes from the first call: "<variant>-dynamic"
-VARIANT_FLAGS.update({f"{name}-dynamic": flags for name, flags in list(VARIANT_FLAGS.items())})
-VARIANTS.update({name: VARIANTS["layer-dynamic"] for name in VARIANT_FLAGS if name.endswith("-dynamic")})
+# each flag variant also with dynamic shapes from the first call ("<variant>-dynamic") and with the compiled
+# vocabulary head (SLIME_FSDP_COMPILE_HEAD=1, slime/backends/fsdp/log_probs.py: "<variant>-head")
+for _name, _flags in list(VARIANT_FLAGS.items()):
+    VARIANT_FLAGS[f"{_name}-dynamic"] = VARIANT_FLAGS[f"{_name}-head"] = _flags
+    VARIANTS[f"{_name}-dynamic"] = VARIANTS["layer-dynamic"]
+    VARIANTS[f"{_name}-head"] = dict(VARIANTS["layer"], SLIME_FSDP_COMPILE_HEAD="1")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -94,6 +97,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-len", type=int, default=2048)
     p.add_argument("--steps", type=int, default=3, help="timed rollouts")
     p.add_argument("--warmup", type=int, default=1, help="untimed rollouts first")
+    p.add_argument("--balance-data", action="store_true",
+                   help="every rank draws the whole rollout and takes its token-balanced share (train.py's "
+                        "--balance-data); default: each rank draws its own samples (ranks wait for the longest)")
     p.add_argument("--recompute", choices=["auto", "on", "off"], default="auto")
     p.add_argument("--log-probs-chunk-size", type=int, default=-1)
     p.add_argument("--no-baseline", action="store_true")
@@ -146,6 +152,20 @@ def synthetic_rollout(num_samples: int, seed: int, vocab: int, min_len: int, max
 
 def rollout_seed(step: int, rank: int) -> int:
     return 1000 * step + rank
+
+
+def rank_rollout(cfg: dict[str, Any], step: int, rank: int) -> dict[str, list]:
+    """This rank's samples of rollout `step`: its own draw, or (--balance-data) its token-balanced share of
+    one draw of every rank's samples, split as train.py splits a rollout."""
+    shape = cfg["shape"]
+    if not cfg.get("balance"):
+        return synthetic_rollout(cfg["samples_per_rank"], rollout_seed(step, rank), shape["vocab"], cfg["min_len"],
+                                 cfg["max_len"])
+    from slime.ray.data_split import split_rollout_data
+
+    total = cfg["samples_per_rank"] * cfg["world"]
+    data = synthetic_rollout(total, rollout_seed(step, 0), shape["vocab"], cfg["min_len"], cfg["max_len"])
+    return split_rollout_data(data, cfg["world"], total, balance=True)[rank]
 
 
 def shape_of(config: Any) -> dict[str, int]:
@@ -255,8 +275,7 @@ def slime_worker(rank: int, cfg: dict[str, Any], model_dir: str, port: int, resu
     shape = cfg["shape"]
     times, warmup_times, tokens, flops = [], [], 0, 0.0
     for step in range(cfg["warmup"] + cfg["steps"]):
-        data = synthetic_rollout(cfg["samples_per_rank"], rollout_seed(step, rank), shape["vocab"], cfg["min_len"],
-                                 cfg["max_len"])
+        data = rank_rollout(cfg, step, rank)
         _sync(device)
         dist.barrier()
         start = time.perf_counter()
@@ -311,8 +330,7 @@ def _profile_rollout(trainer, cfg: dict[str, Any], rank: int) -> dict[str, Any] 
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cfg["device"] == "cuda" else [])
-    data = synthetic_rollout(cfg["samples_per_rank"], rollout_seed(999, rank), cfg["shape"]["vocab"], cfg["min_len"],
-                             cfg["max_len"])
+    data = rank_rollout(cfg, 999, rank)
     start = time.perf_counter()
     with profile(activities=activities) as prof:
         trainer.train(999, data)
@@ -452,7 +470,7 @@ def run_preset(preset: str, args: argparse.Namespace, device: str, work: Path, p
     cfg = {"preset": preset, "device": device, "world": args.num_gpus, "shape": shape, "recompute": recompute,
            "samples_per_rank": args.samples_per_rank, "min_len": args.min_len, "max_len": args.max_len,
            "max_tokens": args.max_tokens_per_gpu, "chunk": args.log_probs_chunk_size, "steps": args.steps,
-           "warmup": args.warmup,
+           "warmup": args.warmup, "balance": args.balance_data,
            # fp32 weights + grads + Adam (16 B/param) would not leave room for activations: pure bf16 baseline
            "baseline_bf16": 16 * (dense_params(shape) + shape["vocab"] * shape["hidden"]) > 0.7 * gpu_bytes}
     out: dict[str, Any] = {"shape": shape, "dense_params": dense_params(shape), "num_gpus": args.num_gpus,
@@ -553,7 +571,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "variants": args.variant_list, "slime_fsdp_compile_env": os.environ.get("SLIME_FSDP_COMPILE", "0"),
         "cuda_alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""), "max_tokens_per_gpu": args.max_tokens_per_gpu,
         "sample_lengths": [args.min_len, args.max_len], "samples_per_rank_per_rollout": args.samples_per_rank,
-        "timed_rollouts": args.steps, "warmup_rollouts": args.warmup,
+        "timed_rollouts": args.steps, "warmup_rollouts": args.warmup, "balance_data": args.balance_data,
         "measured_peak_tflops": peak, "datasheet_peak_tflops": H100_DATASHEET_BF16_TFLOPS if device == "cuda" else None,
         "peak_method": "bf16 8192^3 torch.matmul" if device == "cuda" else "fp32 512^3 torch.matmul (CPU smoke)",
         "flops_formula": FLOPS_FORMULA, "packed_attention_check": packed_attention_check(device), "presets": {},

@@ -157,3 +157,17 @@ def test_compiled_layers_trace_the_varlen_path_with_symbolic_lengths(tmp_path, m
                    for m in (eager, compiled)]
             torch.testing.assert_close(out[1], out[0], rtol=1e-5, atol=1e-5)
     assert 0 < counters["stats"]["unique_graphs"] <= 3, dict(counters["stats"])
+
+
+def test_compile_dynamic_defaults_to_symbolic_lengths_on_cuda_only(monkeypatch) -> None:
+    from slime.backends.fsdp.layer_compile import compile_dynamic
+
+    monkeypatch.delenv("SLIME_FSDP_COMPILE_DYNAMIC", raising=False)
+    assert compile_dynamic("cuda") is True and compile_dynamic("cuda:1") is True and compile_dynamic("cpu") is None
+    monkeypatch.setenv("SLIME_FSDP_COMPILE_DYNAMIC", "0")
+    assert compile_dynamic("cuda") is None
+    monkeypatch.setenv("SLIME_FSDP_COMPILE_DYNAMIC", "1")
+    assert compile_dynamic("cpu") is True
+    monkeypatch.setenv("SLIME_FSDP_COMPILE_DYNAMIC", "yes")
+    with pytest.raises(ValueError, match="SLIME_FSDP_COMPILE_DYNAMIC='yes'"):
+        compile_dynamic("cuda")

@@ -220,6 +220,32 @@ def test_chunked_log_probs_equal_unchunked_in_value_and_gradient():
         chunked_log_probs_and_entropy(hidden, targets, head, temperature=0.0)
 
 
+@pytest.mark.parametrize("entropy_grad", [True, False])
+def test_compiled_vocabulary_head_equals_the_eager_one(monkeypatch, entropy_grad):
+    """SLIME_FSDP_COMPILE_HEAD's inductor kernels (here on CPU) give the eager head's values and gradients,
+    chunked (recomputed in backward) and not."""
+    from slime.backends.fsdp import log_probs
+
+    monkeypatch.setenv("SLIME_FSDP_COMPILE_BACKEND", "inductor")
+    monkeypatch.setattr(log_probs, "_FUSED", {})
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 50, bias=False)
+    hidden = torch.randn(13, 8, requires_grad=True)
+    targets = torch.randint(0, 50, (13,))
+    results = []
+    for fused, chunk in ((False, -1), (True, -1), (True, 5)):
+        head.zero_grad()
+        hidden.grad = None
+        lp, ent = log_probs.chunked_log_probs_and_entropy(hidden, targets, head, temperature=0.7, chunk_size=chunk,
+                                                          entropy_grad=entropy_grad, fused=fused)
+        (lp.sum() + (0.3 * ent.sum() if entropy_grad else 0.0)).backward()
+        results.append((lp.detach(), ent.detach(), hidden.grad.clone(), head.weight.grad.clone()))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    assert set(log_probs._FUSED) == {"picked", "entropy"}
+
+
 # ----------------------------------------------------------------- freezing
 def test_trainable_patterns(tiny_model_dir):
     from slime.backends.fsdp.model import apply_trainable_patterns, load_hf_model

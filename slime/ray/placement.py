@@ -55,7 +55,7 @@ def runtime_env() -> dict[str, Any]:
     python_path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
     env = {"PYTHONPATH": python_path, "TOKENIZERS_PARALLELISM": "false", "RAY_DEDUP_LOGS": "0"}
     for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "SLIME_PROGRESS", "OMP_NUM_THREADS", "SLIME_FSDP_COMPILE",
-                "SLIME_FSDP_COMPILE_BACKEND", "SLIME_FSDP_COMPILE_DYNAMIC"):
+                "SLIME_FSDP_COMPILE_BACKEND", "SLIME_FSDP_COMPILE_DYNAMIC", "SLIME_FSDP_COMPILE_HEAD"):
         if key in os.environ:
             env[key] = os.environ[key]
     return {"env_vars": env}

@@ -15,9 +15,10 @@ How it fits the rest of the trainer:
   eager around the compiled graph.
 - HF gradient checkpointing (`--recompute-granularity full`) wraps the layer call, so the
   recomputation re-runs the compiled graph.
-- Packed rows change length every micro-batch: shapes start static and dynamo's automatic dynamic
-  shapes make the length (and the sample count of `cu_seq_lens`) symbolic at the first change, so
-  two graphs serve every length (`dynamic=True` with SLIME_FSDP_COMPILE_DYNAMIC=1). The packed varlen
+- Packed rows change length every micro-batch: on CUDA the length (and the sample count of
+  `cu_seq_lens`) is symbolic from the first call, so one graph serves every length and an SFT stage's
+  compile serves the RL run after it from the inductor cache (SLIME_FSDP_COMPILE_DYNAMIC=0: dynamo's
+  automatic dynamic shapes, static first and symbolic at the first change, the CPU default). The packed varlen
   attention is a torch custom op (`torch.nn.attention.varlen`), which dynamo traces; the per-sample
   CPU fallback traces too (a new sample count is a recompile).
 - All layers share one code object, so the recompile limits are raised to cover every layer, grad
@@ -50,6 +51,19 @@ def compile_backend(device: str) -> str:
     return os.environ.get("SLIME_FSDP_COMPILE_BACKEND") or ("inductor" if device == "cuda" else "aot_eager")
 
 
+def compile_dynamic(device: str) -> bool | None:
+    """SLIME_FSDP_COMPILE_DYNAMIC: "1" symbolic lengths from the first call, "0" dynamo's automatic dynamic
+    shapes (static first, symbolic at the first new length: two compiles). Unset: "1" on CUDA (one compile per
+    run, which the inductor cache then serves to the next run with any lengths; 4B training within 1% of
+    static), "0" on CPU."""
+    value = os.environ.get("SLIME_FSDP_COMPILE_DYNAMIC", "").strip()
+    if value not in ("", "0", "1"):
+        raise ValueError(f"SLIME_FSDP_COMPILE_DYNAMIC={value!r}: expected 0 or 1")
+    if value == "":
+        value = "1" if str(device).startswith("cuda") else "0"
+    return True if value == "1" else None
+
+
 def _raise_recompile_limits(num_layers: int) -> None:
     import torch._dynamo
 
@@ -71,7 +85,7 @@ def compile_decoder_layers(hf_model: nn.Module, device: str) -> int:
 
     layers = decoder_layers(hf_model)
     backend = compile_backend(device)
-    dynamic = True if os.environ.get("SLIME_FSDP_COMPILE_DYNAMIC", "0") == "1" else None
+    dynamic = compile_dynamic(device)
     _raise_recompile_limits(len(layers))
     for layer in layers:
         layer.compile(backend=backend, dynamic=dynamic)
