@@ -227,7 +227,8 @@ def final_eval(o: argparse.Namespace, workdir: Path, models: dict[str, str], dat
     scores = result["models"]
     if "slime" in scores and "trl" in scores:
         result["slime_minus_trl"] = round(scores["slime"]["accuracy"] - scores["trl"]["accuracy"], 4)
-        result["stderr_of_difference"] = round((scores["slime"]["stderr"] ** 2 + scores["trl"]["stderr"] ** 2) ** 0.5, 4)
+        variance = scores["slime"]["stderr"] ** 2 + scores["trl"]["stderr"] ** 2
+        result["stderr_of_difference"] = round(variance ** 0.5, 4)
     return result
 
 

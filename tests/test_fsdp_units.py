@@ -119,7 +119,8 @@ def test_mixed_precision_policy_follows_the_grad_reduce_dtype_flag(tiny_model_di
     from slime.backends.fsdp.model import mixed_precision
     from slime.utils.arguments import parse_args
 
-    assert mixed_precision("cuda").reduce_dtype == torch.float32 and mixed_precision("cuda").param_dtype == torch.bfloat16
+    default = mixed_precision("cuda")
+    assert default.reduce_dtype == torch.float32 and default.param_dtype == torch.bfloat16
     assert mixed_precision("cuda", "bfloat16").reduce_dtype == torch.bfloat16
     assert mixed_precision("cpu", "bfloat16").param_dtype is None  # CPU trains in fp32 throughout
     with pytest.raises(ValueError, match="--fsdp-grad-reduce-dtype 'float16'"):

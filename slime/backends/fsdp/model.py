@@ -176,7 +176,8 @@ def mixed_precision(device: str, grad_reduce_dtype: str = "float32") -> MixedPre
     """CUDA: bf16 compute over the fp32 sharded master weights; gradients reduce-scattered (and, under
     --fsdp-reduce-grads-per-step, accumulated across micro-batches) in --fsdp-grad-reduce-dtype. CPU: fp32."""
     if grad_reduce_dtype not in GRAD_REDUCE_DTYPES:
-        raise ValueError(f"--fsdp-grad-reduce-dtype {grad_reduce_dtype!r}: expected one of {', '.join(GRAD_REDUCE_DTYPES)}")
+        raise ValueError(f"--fsdp-grad-reduce-dtype {grad_reduce_dtype!r}: expected one of "
+                         f"{', '.join(GRAD_REDUCE_DTYPES)}")
     if device != "cuda":
         return MixedPrecisionPolicy()
     return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=GRAD_REDUCE_DTYPES[grad_reduce_dtype])
