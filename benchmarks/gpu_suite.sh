@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# bash benchmarks/gpu_suite.sh OUT_DIR PART [SECONDS]    # PART 1|2|3|G|H|I on a 2-GPU host; 4, A-F on a 4-GPU host
+# bash benchmarks/gpu_suite.sh OUT_DIR PART [SECONDS]    # PART 1|2|3|G|H|I on a 2-GPU host; 4, A-F on a 4-GPU host; J any
 #
 # The GPU checks and benchmarks of issues 9 and 10 as three calls of a 2-GPU machine and one of a 4-GPU one, or
 # two calls (A, B) of a 4-GPU one; C and D re-run the checks that failed in the first 4xH200 pass (2026-11-26),
@@ -31,6 +31,7 @@
 #   PART G  GPUs 0,1  4B training over 2 GPUs with the FSDP communication variants (one profiled), the FSDP GPU tests
 #   PART H  GPUs 0,1  vs_trl twice side by side (lr 1e-5 from the 200-step SFT model; lr 2e-5 from 120 steps)
 #   PART I  GPUs 0,1  4B training on token-balanced shares with the compiled vocabulary head; the disaggregated RL step
+#   PART J  every GPU vs_trl over run seeds from one SFT model (final-reward parity with a standard error)
 # Jobs run under timeouts that leave time to pack the results; each Ray user starts its own instance.
 # Ray, fastapi, uvicorn, trl, ... must be importable (docs/gpu_runs.md: how to carry them as wheels).
 set -u
@@ -190,11 +191,22 @@ case "$PART" in
        TRAIN_VARIANTS=${TRAIN_VARIANTS:-layer-keep,layer-keep-reduce-once-chunked,layer-keep-reduce-once-chunked-head,layer-keep-reduce-once-bf16-chunked-head} \
        TRAIN_PROFILE=${TRAIN_PROFILE:-layer-keep-reduce-once-chunked-head} train_4b 0,1 2 200
      RL_DISAGG_EXTRA="--sft-steps 60" rl_disagg 0,1 20 ;;
+  J) # reward parity over seeds (next session): one 120-step SFT model, then one vs_trl lane per GPU from it, each
+     # with its own run seed (sampling, data order, TRL's seed) on the same problems (--task-seed 0), lr 2e-5
+     SLIME_FSDP_COMPILE=layer job sft 0 400 python benchmarks/rl_step.py --workdir /tmp/sftJ --sft-steps 120 \
+         --num-steps 1 $FAST_ARGS --out $RES/rl_step_sft_J.json
+     for gpu in $(nvidia-smi --query-gpu=index --format=csv,noheader); do
+       FAST_ARGS="$FAST_ARGS --task-seed 0" VS_TRL_STEPS=24 TRL_MAX_SECONDS=${TRL_MAX_SECONDS:-170} \
+         VS_TRL_EXTRA="--lr 2e-5 --seed $((gpu + 1)) --sft-model /tmp/sftJ/sft_model" RES_TAG=_seed$((gpu + 1)) \
+         vs_trl_lane "$gpu" &
+     done
+     wait
+     python benchmarks/vs_trl.py --summarize-seeds "$RES"/vs_trl_seed*.json --out "$RES/vs_trl_seeds.json" ;;
   B) train_4b 0,1,2,3 4 "${AFTER_TRAIN:-330}"  # part 4, then (B_DISAGG=1) the disaggregated step, then part 3's training
      rl_fsdp4 "${AFTER_FSDP4:-150}"
      if [ "${B_DISAGG:-0}" = 1 ]; then rl_disagg 0,1 20 & fi
      train_4b 2,3 2 20 & wait ;;
-  *) echo "PART must be 1, 2, 3, 4, G, H, I (or A-F on a 4-GPU host)" >&2; exit 2 ;;
+  *) echo "PART must be 1, 2, 3, 4, G, H, I, J (or A-F on a 4-GPU host)" >&2; exit 2 ;;
 esac
 nvidia-smi --query-gpu=name,memory.used --format=csv >> "$RES/suite.log" 2>&1
 tar czf "$OUT/results_$PART.tgz" -C "$RES" . && cp "$RES/suite.log" "$OUT/suite_$PART.log"

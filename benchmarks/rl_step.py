@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="qwen3-0.6b", help="tools/make_tiny_model.py preset")
     p.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("task")
+    g.add_argument("--task-seed", type=int, default=None,
+                   help="seed of the task's problems (default: --seed); fixed, --seed varies only the run")
     g.add_argument("--max-operand", type=int, default=20)
     g.add_argument("--ops", default="+")
     g.add_argument("--n-train", type=int, default=400)
@@ -129,7 +131,8 @@ def make_task(o: argparse.Namespace, workdir: Path) -> dict[str, Path]:
     """train/test jsonl with the RL phrasing; sft jsonl over the same problems with the SFT phrasing."""
     from slime.data.synthetic import make_arithmetic_dataset
 
-    task = dict(n_train=o.n_train, n_test=8, seed=o.seed, max_operand=o.max_operand, ops=tuple(o.ops),
+    task_seed = o.seed if o.task_seed is None else o.task_seed
+    task = dict(n_train=o.n_train, n_test=8, seed=task_seed, max_operand=o.max_operand, ops=tuple(o.ops),
                 answer_style=o.answer_style)
     data = make_arithmetic_dataset(workdir / "data", prompt_format=o.rl_prompt_format, **task)
     data["sft"] = make_arithmetic_dataset(workdir / "data_sft", prompt_format=o.sft_prompt_format, **task)["sft"]
@@ -379,7 +382,8 @@ def settings(o: argparse.Namespace) -> dict[str, Any]:
             "n_samples_per_prompt": o.n_samples_per_prompt, "samples_per_step": o.rollout_batch_size * o.n_samples_per_prompt,
             "max_response_len": o.max_response_len, "temperature": o.temperature, "lr": o.lr, "optimizer": "AdamW",
             "kl": "none (beta 0)", "eps_clip": 0.2,
-            "task": {"max_operand": o.max_operand, "ops": o.ops, "n_train": o.n_train,
+            "seed": o.seed, "task": {"seed": o.seed if o.task_seed is None else o.task_seed,
+                                     "max_operand": o.max_operand, "ops": o.ops, "n_train": o.n_train,
                      "sft_prompt_format": o.sft_prompt_format, "rl_prompt_format": o.rl_prompt_format,
                      "answer_style": o.answer_style}}
 

@@ -3,6 +3,7 @@
     python benchmarks/vs_trl.py --workdir /tmp/vs_trl --out vs_trl.json --slime-out rl_step_colocated.json
     python benchmarks/vs_trl.py --workdir /tmp/vs_trl --sft-model /tmp/rl/sft_model --out vs_trl.json
     python benchmarks/vs_trl.py --smoke --workdir /tmp/vs_trl_smoke          # CPU, tiny preset (needs trl)
+    python benchmarks/vs_trl.py --summarize-seeds vs_trl_seed*.json --out vs_trl_seeds.json   # no run
 
 1. slime: `benchmarks/rl_step.py --mode colocated` in a subprocess (1 GPU, trainer and engine resident; it
    also makes the SFT-warmed checkpoint unless --sft-model names one); its JSON is kept (--slime-out).
@@ -44,7 +45,7 @@ SHARED = ("num_steps", "rollout_batch_size", "n_samples_per_prompt", "max_respon
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--workdir", required=True)
+    p.add_argument("--workdir", default=None, help="folder for the models and data of this run (required)")
     p.add_argument("--out", default=None, help="also write the JSON object here")
     p.add_argument("--slime-out", default=None, help="also keep slime's full rl_step JSON here")
     p.add_argument("--smoke", action="store_true", help="CPU check: tiny preset, 2 steps, small batches")
@@ -65,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--final-eval-prompts", type=int, default=256,
                    help="score the SFT model and both trained policies on this many train prompts (0: no final eval)")
     p.add_argument("--final-eval-samples", type=int, default=4, help="samples per prompt of the final eval")
+    p.add_argument("--summarize-seeds", nargs="+", default=None, metavar="JSON",
+                   help="no run: combine the JSONs of runs that differ only in --seed (gpu_suite.sh part J) into "
+                        "the mean slime - TRL difference of the final eval and of the final reward, with standard "
+                        "errors across the seeds")
     p.add_argument("--trl-worker", action="store_true", help=argparse.SUPPRESS)  # internal: the TRL subprocess
     p.add_argument("--eval-worker", default=None, help=argparse.SUPPRESS)  # internal: JSON {name: model dir}
     p.add_argument("--data", default=None, help=argparse.SUPPRESS)
@@ -81,6 +86,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     o.trl_micro_batch = min(o.trl_micro_batch, samples)
     if samples % o.trl_micro_batch:
         raise ValueError(f"--trl-micro-batch {o.trl_micro_batch} must divide the samples per step ({samples})")
+    if o.workdir is None and not o.summarize_seeds:
+        raise ValueError("--workdir is required")
     if o.skip_slime and not o.sft_model:
         raise ValueError("--skip-slime needs --sft-model (the checkpoint TRL starts from)")
     return o
@@ -232,6 +239,31 @@ def final_eval(o: argparse.Namespace, workdir: Path, models: dict[str, str], dat
     return result
 
 
+def summarize_seeds(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Runs that differ only in their seed -> per-seed slime - TRL differences and their mean with the standard
+    error across seeds (which, unlike one run's eval error, includes the training trajectories' variance)."""
+    if len(results) < 2:
+        raise ValueError("--summarize-seeds needs the JSONs of at least two runs")
+    rows = []
+    for r in results:
+        final = r.get("final_eval") or {}
+        rows.append({"seed": r.get("settings", {}).get("seed"), "gpu": r.get("gpu"),
+                     "final_reward_diff": _diff(r.get("slime_final_reward"), r.get("trl_final_reward")),
+                     "final_eval_diff": final.get("slime_minus_trl"),
+                     "speedup_total": r.get("speedup_total"), "speedup_median_step": r.get("speedup_median_step")})
+    out: dict[str, Any] = {"benchmark": "vs_trl_seeds", "runs": rows}
+    for key in ("final_reward_diff", "final_eval_diff", "speedup_total", "speedup_median_step"):
+        values = [row[key] for row in rows if row[key] is not None]
+        if len(values) >= 2:
+            out[f"{key}_mean"] = round(statistics.fmean(values), 4)
+            out[f"{key}_stderr"] = round(statistics.stdev(values) / len(values) ** 0.5, 4)
+    return out
+
+
+def _diff(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else round(a - b, 4)
+
+
 # ---------------------------------------------------------------------------------------------------- driver
 def _run(cmd: list[str], what: str) -> None:
     print(f"[vs_trl] {what}: {' '.join(cmd)}", flush=True)
@@ -334,6 +366,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     o = parse_args(sys.argv[1:] if argv is None else argv)
     from benchmarks.report import emit_json
 
+    if o.summarize_seeds:
+        return emit_json(summarize_seeds([json.loads(Path(p).read_text()) for p in o.summarize_seeds]), o.out)
     if o.eval_worker:
         return emit_json(run_eval(o), o.out, echo=False)
     return emit_json(run_trl(o) if o.trl_worker else compare(o), o.out, echo=not o.trl_worker)

@@ -103,6 +103,27 @@ def test_vs_trl_time_budget_compares_the_steps_trl_finished(tmp_path):
     assert result["slime_seconds"] == pytest.approx(result["slime"]["step_seconds"][0], abs=1e-3)
 
 
+def test_vs_trl_summarizes_runs_over_seeds(tmp_path):
+    """--summarize-seeds: the mean slime - TRL difference over runs and its standard error across them."""
+    runs = []
+    for seed, (slime, trl, eval_diff) in enumerate([(0.50, 0.40, 0.02), (0.40, 0.45, -0.04), (0.60, 0.50, 0.05)]):
+        run = {"settings": {"seed": seed}, "gpu": "cpu", "slime_final_reward": slime, "trl_final_reward": trl,
+               "final_eval": {"slime_minus_trl": eval_diff}, "speedup_total": 3.0 + seed, "speedup_median_step": 4.0}
+        runs.append(tmp_path / f"vs_trl_seed{seed}.json")
+        runs[-1].write_text(json.dumps(run))
+    out = tmp_path / "seeds.json"
+    _script("vs_trl.py", "--summarize-seeds", *map(str, runs), "--out", str(out))
+    result = json.loads(out.read_text())
+    assert [r["final_reward_diff"] for r in result["runs"]] == [0.1, -0.05, 0.1]
+    assert result["final_reward_diff_mean"] == pytest.approx(0.05, abs=1e-4)
+    assert result["final_reward_diff_stderr"] == pytest.approx(0.05, abs=1e-4)  # stdev 0.0866 / sqrt(3)
+    assert result["final_eval_diff_mean"] == pytest.approx(0.01, abs=1e-4)
+    assert result["speedup_total_mean"] == pytest.approx(4.0) and result["speedup_median_step_stderr"] == 0.0
+    done = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "vs_trl.py"), "--summarize-seeds",
+                           str(runs[0])], capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "at least two runs" in done.stderr
+
+
 def test_rollout_fidelity_smoke_engine_log_probs_are_hf_log_probs(tmp_path, tiny_model_dir):
     """The probe that found the Gumbel-noise bug: on CPU in float32 the engine's log-probs of its own samples
     equal HF's teacher-forced ones, and every response is scored."""
