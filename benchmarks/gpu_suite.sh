@@ -193,10 +193,11 @@ case "$PART" in
      RL_DISAGG_EXTRA="--sft-steps 60" rl_disagg 0,1 20 ;;
   J) # reward parity over seeds (next session): one 120-step SFT model, then one vs_trl lane per GPU from it, each
      # with its own run seed (sampling, data order, TRL's seed) on the same problems (--task-seed 0), lr 2e-5
-     SLIME_FSDP_COMPILE=layer job sft 0 400 python benchmarks/rl_step.py --workdir /tmp/sftJ --sft-steps 120 \
+     # (~250 s for the SFT model, then ~290 s for the lanes: 20 steps each)
+     SLIME_FSDP_COMPILE=layer job sft 0 300 python benchmarks/rl_step.py --workdir /tmp/sftJ --sft-steps 120 \
          --num-steps 1 $FAST_ARGS --out $RES/rl_step_sft_J.json
      for gpu in $(nvidia-smi --query-gpu=index --format=csv,noheader); do
-       FAST_ARGS="$FAST_ARGS --task-seed 0" VS_TRL_STEPS=24 TRL_MAX_SECONDS=${TRL_MAX_SECONDS:-170} \
+       FAST_ARGS="$FAST_ARGS --task-seed 0" VS_TRL_STEPS=${VS_TRL_STEPS:-20} TRL_MAX_SECONDS=${TRL_MAX_SECONDS:-140} \
          VS_TRL_EXTRA="--lr 2e-5 --seed $((gpu + 1)) --sft-model /tmp/sftJ/sft_model" RES_TAG=_seed$((gpu + 1)) \
          vs_trl_lane "$gpu" &
      done
