@@ -38,12 +38,21 @@ def _train_configs(rank: int, world_size: int, model_dir: str, configs: list[dic
         initial_log_probs = trainer.compute_log_probs(shard)
         initial = {n: t.clone() for bucket in trainer.export_weights(1 << 20) for n, t in bucket}
         metrics = trainer.train(0, shard)
+        sharded = _every_layer_sharded(trainer.model)  # before export: it gathers the full weights itself
         exported = [[(n, t.clone()) for n, t in bucket] for bucket in trainer.export_weights(4096)]
         full = {hf_name(k): v for k, v in full_state_dict(trainer.model).items()}
-        results.append(dict(metrics=metrics, exported=exported, initial=initial, full=full, sample_indices=shard["sample_indices"],
+        results.append(dict(metrics=metrics, exported=exported, sharded_after_train=sharded, initial=initial, full=full, sample_indices=shard["sample_indices"],
                             initial_log_probs=initial_log_probs, weight_version=trainer.weight_version,
                             ref_log_probs=None if trainer.ref_shards is None else trainer.compute_ref_log_probs(shard)))
     return results
+
+
+def _every_layer_sharded(model) -> bool:
+    """FSDP2 state of every sharded module: its parameters are back to their shards (no gathered copy held)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    groups = [m._get_fsdp_state()._fsdp_param_group for m in model.modules() if isinstance(m, FSDPModule)]
+    return all(group.is_sharded for group in groups if group is not None)
 
 
 def _flat(exported):
@@ -98,6 +107,8 @@ def test_two_ranks_equal_one_process_and_dynamic_batching_equals_fixed(tmp_path,
         # --calculate-per-token-loss: divided by the loss tokens of the whole step over all ranks
         _assert_close_metrics(rank_result[3]["metrics"]["steps"], single_per_token["metrics"]["steps"])
         _assert_close_metrics(rank_result[4]["metrics"]["steps"], steps_single)
+        # reduce-once keeps the layers gathered between micro-batches, but a step ends sharded like the others
+        assert all(config_result["sharded_after_train"] for config_result in rank_result)
     assert single_per_token["metrics"]["steps"][0]["loss"] != single["metrics"]["steps"][0]["loss"]
 
     # exported buckets == the model's full state dict (tied lm_head exported once, as embed_tokens)
