@@ -55,27 +55,19 @@ def _fused_functions() -> tuple[Callable, Callable]:
 def _chunk_log_probs(hidden: torch.Tensor, targets: torch.Tensor, project: Callable[[torch.Tensor], torch.Tensor],
                      temperature: float, with_entropy: bool, entropy_grad: bool = True, fused: bool = False
                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    if fused:
+    if fused:  # the compiled kernels cast the matmul's bf16 logits and divide by the temperature as they read
         picked_fn, entropy_fn = _fused_functions()
-        logits = project(hidden)  # kept in the matmul's dtype: the compiled kernels cast as they read
-        picked, log_norm = picked_fn(logits, targets, float(temperature))
-        if not with_entropy:
-            return picked, torch.zeros_like(picked)
-        if not entropy_grad:
-            with torch.no_grad():
-                return picked, entropy_fn(logits.detach(), log_norm.detach(), float(temperature))
-        return picked, entropy_fn(logits, log_norm, float(temperature))
-    logits = _scaled(project(hidden), temperature)
-    log_norm = torch.logsumexp(logits, dim=-1)
-    picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_norm
+        logits, scale = project(hidden), float(temperature)
+    else:  # one fp32 copy, already divided, that both statistics read
+        picked_fn, entropy_fn = _picked_log_probs, _entropy
+        logits, scale = _scaled(project(hidden), temperature), 1.0
+    picked, log_norm = picked_fn(logits, targets, scale)
     if not with_entropy:
         return picked, torch.zeros_like(picked)
     if not entropy_grad:  # a metric only: no [N, V] tensors kept for backward
         with torch.no_grad():
-            return picked, log_norm.detach() - (torch.softmax(logits, dim=-1) * logits).sum(-1)
-    probs = torch.softmax(logits, dim=-1)
-    entropy = log_norm - (probs * logits).sum(-1)
-    return picked, entropy
+            return picked, entropy_fn(logits.detach(), log_norm.detach(), scale)
+    return picked, entropy_fn(logits, log_norm, scale)
 
 
 def chunked_log_probs_and_entropy(hidden: torch.Tensor, targets: torch.Tensor,
