@@ -106,6 +106,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         o.sft_steps, o.sft_batch_size, o.sft_lr = 2, 8, 1e-3
         o.num_steps, o.rollout_batch_size, o.n_samples_per_prompt, o.max_response_len = 2, 4, 2, 4
         o.max_tokens_per_gpu = 1024
+    if o.task_seed is None:
+        o.task_seed = o.seed
     if o.num_steps < 1 or o.rollout_batch_size < 1 or o.n_samples_per_prompt < 2:
         raise ValueError("--num-steps and --rollout-batch-size must be >= 1, --n-samples-per-prompt >= 2 (GRPO)")
     return o
@@ -131,8 +133,7 @@ def make_task(o: argparse.Namespace, workdir: Path) -> dict[str, Path]:
     """train/test jsonl with the RL phrasing; sft jsonl over the same problems with the SFT phrasing."""
     from slime.data.synthetic import make_arithmetic_dataset
 
-    task_seed = o.seed if o.task_seed is None else o.task_seed
-    task = dict(n_train=o.n_train, n_test=8, seed=task_seed, max_operand=o.max_operand, ops=tuple(o.ops),
+    task = dict(n_train=o.n_train, n_test=8, seed=o.task_seed, max_operand=o.max_operand, ops=tuple(o.ops),
                 answer_style=o.answer_style)
     data = make_arithmetic_dataset(workdir / "data", prompt_format=o.rl_prompt_format, **task)
     data["sft"] = make_arithmetic_dataset(workdir / "data_sft", prompt_format=o.sft_prompt_format, **task)["sft"]
@@ -382,7 +383,7 @@ def settings(o: argparse.Namespace) -> dict[str, Any]:
             "n_samples_per_prompt": o.n_samples_per_prompt, "samples_per_step": o.rollout_batch_size * o.n_samples_per_prompt,
             "max_response_len": o.max_response_len, "temperature": o.temperature, "lr": o.lr, "optimizer": "AdamW",
             "kl": "none (beta 0)", "eps_clip": 0.2,
-            "seed": o.seed, "task": {"seed": o.seed if o.task_seed is None else o.task_seed,
+            "seed": o.seed, "task": {"seed": o.task_seed,
                                      "max_operand": o.max_operand, "ops": o.ops, "n_train": o.n_train,
                      "sft_prompt_format": o.sft_prompt_format, "rl_prompt_format": o.rl_prompt_format,
                      "answer_style": o.answer_style}}

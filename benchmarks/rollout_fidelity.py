@@ -69,6 +69,23 @@ def task_prompts(o: argparse.Namespace, workdir: Path) -> tuple[Path, list[dict[
     return model, rows[:o.num_prompts], info
 
 
+def rendered_prompts(model: Path | str, rows: list[dict[str, Any]], samples: int
+                     ) -> tuple[Any, list[list[int]], list[str], list[int], int]:
+    """(tokenizer, prompt ids, labels, eos ids, pad id): each task row's messages rendered with the model's chat
+    template as the rollout renders them, repeated `samples` times."""
+    from slime.data.chat_template import load_tokenizer, render_chat
+    from slime.engine.llm_engine import read_eos_token_ids
+    from transformers import AutoConfig
+
+    tokenizer = load_tokenizer(str(model))
+    rendered = [tokenizer.encode(render_chat(tokenizer, r["messages"]), add_special_tokens=False) for r in rows]
+    prompts = [p for p in rendered for _ in range(samples)]
+    labels = [str(r["label"]) for r in rows for _ in range(samples)]
+    eos = read_eos_token_ids(str(model), AutoConfig.from_pretrained(str(model)))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    return tokenizer, prompts, labels, eos, pad
+
+
 def engine_samples(model: Path, dtype: str, prompts: list[list[int]], o: argparse.Namespace, device: str
                    ) -> tuple[list[dict], float]:
     from slime.engine import EngineConfig, LLMEngine, SamplingParams
@@ -163,16 +180,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     workdir = Path(o.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     model, rows, sft = task_prompts(o, workdir)
-    from slime.data.chat_template import load_tokenizer, render_chat
-    from slime.engine.llm_engine import read_eos_token_ids
-    from transformers import AutoConfig
-
-    tokenizer = load_tokenizer(str(model))
-    rendered = [tokenizer.encode(render_chat(tokenizer, r["messages"]), add_special_tokens=False) for r in rows]
-    prompts = [p for p in rendered for _ in range(o.samples)]
-    labels = [str(r["label"]) for r in rows for _ in range(o.samples)]
-    eos = read_eos_token_ids(str(model), AutoConfig.from_pretrained(str(model)))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    tokenizer, prompts, labels, eos, pad = rendered_prompts(model, rows, o.samples)
     device_name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     result: dict[str, Any] = {"benchmark": "rollout_fidelity", "device": device_name, "model": str(model),
                               "sft": sft, "eos_token_ids": eos, "sequences": len(prompts), "temperature": o.temperature,

@@ -406,8 +406,7 @@ def _baseline(cfg: dict[str, Any], model_dir: str, dtype: torch.dtype) -> dict[s
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
         times, tokens = [], 0
         for step in range(cfg["warmup"] + cfg["steps"]):
-            data = synthetic_rollout(cfg["samples_per_rank"], rollout_seed(step, 0), cfg["shape"]["vocab"],
-                                     cfg["min_len"], cfg["max_len"])
+            data = rank_rollout(cfg, step, 0)  # rank 0's tokens
             _sync(device)
             start = time.perf_counter()
             for toks, resp in zip(data["tokens"], data["response_lengths"]):

@@ -193,22 +193,12 @@ def run_eval(o: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
-    from rollout_fidelity import hf_samples, score
-
-    from slime.data.chat_template import load_tokenizer, render_chat
-    from slime.engine.llm_engine import read_eos_token_ids
-    from transformers import AutoConfig
+    from rollout_fidelity import hf_samples, rendered_prompts, score
 
     models: dict[str, str] = json.loads(o.eval_worker)
     device = "cuda" if torch.cuda.is_available() and not o.smoke else "cpu"
     rows = [json.loads(line) for line in Path(o.data).read_text().splitlines() if line.strip()][:o.final_eval_prompts]
-    reference = next(iter(models.values()))
-    tokenizer = load_tokenizer(reference)
-    rendered = [tokenizer.encode(render_chat(tokenizer, r["messages"]), add_special_tokens=False) for r in rows]
-    prompts = [p for p in rendered for _ in range(o.final_eval_samples)]
-    labels = [str(r["label"]) for r in rows for _ in range(o.final_eval_samples)]
-    eos = read_eos_token_ids(reference, AutoConfig.from_pretrained(reference))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    tokenizer, prompts, labels, eos, pad = rendered_prompts(next(iter(models.values())), rows, o.final_eval_samples)
     sampling = argparse.Namespace(temperature=o.temperature, max_new_tokens=o.max_response_len)
     mode = "autocast" if device == "cuda" else "float32"
     out: dict[str, Any] = {"sampler": f"HF generate ({mode}), temperature {o.temperature}, same seed per model",
