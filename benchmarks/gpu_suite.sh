@@ -31,7 +31,8 @@
 #   PART G  GPUs 0,1  4B training over 2 GPUs with the FSDP communication variants (one profiled), the FSDP GPU tests
 #   PART H  GPUs 0,1  vs_trl twice side by side (lr 1e-5 from the 200-step SFT model; lr 2e-5 from 120 steps)
 #   PART I  GPUs 0,1  4B training on token-balanced shares with the compiled vocabulary head; the disaggregated RL step
-#   PART J  every GPU vs_trl over run seeds from one SFT model (final-reward parity with a standard error)
+#   PART J  every GPU vs_trl over run seeds SEED_BASE.. from one SFT model (final-reward parity with a standard error)
+#   PART K  (4 GPUs)  part I's 4B training (fp32 and bf16 reduction) and the FSDP GPU tests on GPUs 0,1; part J on 2,3
 # Jobs run under timeouts that leave time to pack the results; each Ray user starts its own instance.
 # Ray, fastapi, uvicorn, trl, ... must be importable (docs/gpu_runs.md: how to carry them as wheels).
 set -u
@@ -108,6 +109,20 @@ train_4b() {  # GPUS N RESERVE
 rl_fsdp4() {  # RESERVE
   job rl_fsdp4 0,1,2,3 "$1" python benchmarks/rl_step.py --mode fsdp4 --workdir /tmp/rl4 --num-steps "${RL_STEPS:-8}" \
       --sft-steps 60 --out $RES/rl_step_fsdp4.json
+}
+seed_lanes() {  # SFT_GPU "GPU GPU ..." FIRST_SEED: one 120-step SFT model, then one vs_trl lane per GPU from it,
+  # each with its own run seed (sampling, data order, TRL's seed) on the same problems (--task-seed 0), lr 2e-5
+  # (~250 s for the SFT model, then ~290 s for the lanes: 20 steps each); then the mean difference over seeds
+  SLIME_FSDP_COMPILE=layer job sft "$1" 300 python benchmarks/rl_step.py --workdir /tmp/sftJ --sft-steps 120 \
+      --num-steps 1 $FAST_ARGS --out $RES/rl_step_sft_J.json
+  local seed=$3 gpu
+  for gpu in $2; do
+    FAST_ARGS="$FAST_ARGS --task-seed 0" VS_TRL_STEPS=${VS_TRL_STEPS:-20} TRL_MAX_SECONDS=${TRL_MAX_SECONDS:-140} \
+      VS_TRL_EXTRA="--lr 2e-5 --seed $seed --sft-model /tmp/sftJ/sft_model" RES_TAG=_seed$seed vs_trl_lane "$gpu" &
+    seed=$((seed + 1))
+  done
+  wait
+  python benchmarks/vs_trl.py --summarize-seeds "$RES"/vs_trl_seed*.json --out "$RES/vs_trl_seeds.json"
 }
 case "$PART" in
   1) vs_trl_lane 0 & one_gpu_lane 1 & wait ;;
@@ -191,23 +206,21 @@ case "$PART" in
        TRAIN_VARIANTS=${TRAIN_VARIANTS:-layer-keep,layer-keep-reduce-once-chunked,layer-keep-reduce-once-chunked-head,layer-keep-reduce-once-bf16-chunked-head} \
        TRAIN_PROFILE=${TRAIN_PROFILE:-layer-keep-reduce-once-chunked-head} train_4b 0,1 2 200
      RL_DISAGG_EXTRA="--sft-steps 60" rl_disagg 0,1 20 ;;
-  J) # reward parity over seeds (next session): one 120-step SFT model, then one vs_trl lane per GPU from it, each
-     # with its own run seed (sampling, data order, TRL's seed) on the same problems (--task-seed 0), lr 2e-5
-     # (~250 s for the SFT model, then ~290 s for the lanes: 20 steps each)
-     SLIME_FSDP_COMPILE=layer job sft 0 300 python benchmarks/rl_step.py --workdir /tmp/sftJ --sft-steps 120 \
-         --num-steps 1 $FAST_ARGS --out $RES/rl_step_sft_J.json
-     for gpu in $(nvidia-smi --query-gpu=index --format=csv,noheader); do
-       FAST_ARGS="$FAST_ARGS --task-seed 0" VS_TRL_STEPS=${VS_TRL_STEPS:-20} TRL_MAX_SECONDS=${TRL_MAX_SECONDS:-140} \
-         VS_TRL_EXTRA="--lr 2e-5 --seed $((gpu + 1)) --sft-model /tmp/sftJ/sft_model" RES_TAG=_seed$((gpu + 1)) \
-         vs_trl_lane "$gpu" &
-     done
-     wait
-     python benchmarks/vs_trl.py --summarize-seeds "$RES"/vs_trl_seed*.json --out "$RES/vs_trl_seeds.json" ;;
+  J) # reward parity over seeds: one 120-step SFT model, then one vs_trl lane per GPU from it (seeds SEED_BASE..)
+     seed_lanes 0 "$(nvidia-smi --query-gpu=index --format=csv,noheader | tr '\n' ' ')" "${SEED_BASE:-1}" ;;
+  K) # session 8 (4xH100), first call: 4B training over GPUs 0,1 on balanced shares (fp32 and bf16 gradient
+     # reduction), then the 2-GPU FSDP tests; beside them reward parity over two seeds on GPUs 2,3
+     ( TRAIN_EXTRA="--balance-data" \
+         TRAIN_VARIANTS=${TRAIN_VARIANTS:-layer-keep-reduce-once-chunked,layer-keep-reduce-once-bf16-chunked-head,layer-keep-reduce-once-chunked-head} \
+         train_4b 0,1 2 120
+       job fsdp_gpu_tests 0,1 20 python -m pytest -v --tb=short --timeout 150 tests/test_fsdp_gpu.py ) &
+     seed_lanes 2 "2 3" "${SEED_BASE:-1}" &
+     wait ;;
   B) train_4b 0,1,2,3 4 "${AFTER_TRAIN:-330}"  # part 4, then (B_DISAGG=1) the disaggregated step, then part 3's training
      rl_fsdp4 "${AFTER_FSDP4:-150}"
      if [ "${B_DISAGG:-0}" = 1 ]; then rl_disagg 0,1 20 & fi
      train_4b 2,3 2 20 & wait ;;
-  *) echo "PART must be 1, 2, 3, 4, G, H, I, J (or A-F on a 4-GPU host)" >&2; exit 2 ;;
+  *) echo "PART must be 1, 2, 3, 4, G, H, I, J (or A-F, K on a 4-GPU host)" >&2; exit 2 ;;
 esac
 nvidia-smi --query-gpu=name,memory.used --format=csv >> "$RES/suite.log" 2>&1
 tar czf "$OUT/results_$PART.tgz" -C "$RES" . && cp "$RES/suite.log" "$OUT/suite_$PART.log"
