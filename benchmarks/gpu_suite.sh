@@ -118,11 +118,12 @@ seed_lanes() {  # SFT_GPU "GPU GPU ..." FIRST_SEED: one 120-step SFT model, then
   local seed=$3 gpu
   for gpu in $2; do
     FAST_ARGS="$FAST_ARGS --task-seed 0" VS_TRL_STEPS=${VS_TRL_STEPS:-20} TRL_MAX_SECONDS=${TRL_MAX_SECONDS:-140} \
-      VS_TRL_EXTRA="--lr 2e-5 --seed $seed --sft-model /tmp/sftJ/sft_model" RES_TAG=_seed$seed vs_trl_lane "$gpu" &
+      VS_TRL_EXTRA="--lr 2e-5 --seed $seed --sft-model /tmp/sftJ/sft_model --final-eval-models slime,trl" RES_TAG=_seed$seed vs_trl_lane "$gpu" &
     seed=$((seed + 1))
   done
   wait
-  python benchmarks/vs_trl.py --summarize-seeds "$RES"/vs_trl_seed*.json --out "$RES/vs_trl_seeds.json"
+  local runs; runs=$(ls "$RES"/vs_trl_seed*.json 2>/dev/null)
+  [ "$(echo "$runs" | wc -w)" -ge 2 ] && python benchmarks/vs_trl.py --summarize-seeds $runs --out "$RES/vs_trl_seeds.json"
 }
 case "$PART" in
   1) vs_trl_lane 0 & one_gpu_lane 1 & wait ;;

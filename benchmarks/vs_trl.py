@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--final-eval-prompts", type=int, default=256,
                    help="score the SFT model and both trained policies on this many train prompts (0: no final eval)")
     p.add_argument("--final-eval-samples", type=int, default=4, help="samples per prompt of the final eval")
+    p.add_argument("--final-eval-models", default="sft,slime,trl", type=lambda text: text.split(","),
+                   help="which of sft,slime,trl the final eval scores (seed lanes that share one SFT model can skip it)")
     p.add_argument("--summarize-seeds", nargs="+", default=None, metavar="JSON",
                    help="no run: combine the JSONs of runs that differ only in --seed (gpu_suite.sh part J) into "
                         "the mean slime - TRL difference of the final eval and of the final reward, with standard "
@@ -88,6 +90,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise ValueError(f"--trl-micro-batch {o.trl_micro_batch} must divide the samples per step ({samples})")
     if o.workdir is None and not o.summarize_seeds:
         raise ValueError("--workdir is required")
+    unknown = sorted(set(o.final_eval_models) - {"sft", "slime", "trl"})
+    if unknown:
+        raise ValueError(f"--final-eval-models: unknown model(s) {unknown}; choose from sft, slime, trl")
     if o.skip_slime and not o.sft_model:
         raise ValueError("--skip-slime needs --sft-model (the checkpoint TRL starts from)")
     return o
@@ -236,7 +241,7 @@ def summarize_seeds(results: list[dict[str, Any]]) -> dict[str, Any]:
         raise ValueError("--summarize-seeds needs the JSONs of at least two runs")
     rows = []
     for r in results:
-        final = r.get("final_eval") or {}
+        final = r.get("final_eval") if isinstance(r.get("final_eval"), dict) else {}  # "not finished": cut short
         rows.append({"seed": r.get("settings", {}).get("seed"), "gpu": r.get("gpu"),
                      "final_reward_diff": _diff(r.get("slime_final_reward"), r.get("trl_final_reward")),
                      "final_eval_diff": final.get("slime_minus_trl"),
@@ -346,8 +351,15 @@ def compare(o: argparse.Namespace) -> dict[str, Any]:
                            "setup_seconds": slime["grpo"]["setup_seconds"], "summary": slime["summary"]}
     result["trl"] = trl
     models = {"sft": sft_model, "slime": (slime or {}).get("final_model"), "trl": trl.get("final_model")}
-    if o.final_eval_prompts > 0:
-        result["final_eval"] = final_eval(o, workdir, {k: v for k, v in models.items() if v}, data)
+    models = {name: path for name, path in models.items() if path and name in o.final_eval_models}
+    if o.final_eval_prompts > 0 and models:
+        if o.out:  # a run cut short during the eval keeps its timings and training rewards
+            from benchmarks.report import emit_json
+
+            emit_json({**result, "final_eval": "not finished"}, o.out, echo=False)
+        start = time.perf_counter()
+        result["final_eval"] = final_eval(o, workdir, models, data)
+        result["final_eval"]["seconds"] = round(time.perf_counter() - start, 1)
     return result
 
 
