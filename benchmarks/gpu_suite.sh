@@ -32,6 +32,7 @@
 #   PART H  GPUs 0,1  vs_trl twice side by side (lr 1e-5 from the 200-step SFT model; lr 2e-5 from 120 steps)
 #   PART I  GPUs 0,1  4B training on token-balanced shares with the compiled vocabulary head; the disaggregated RL step
 #   PART J  every GPU vs_trl over run seeds SEED_BASE.. from one SFT model (final-reward parity with a standard error)
+#   PART L  GPU 0     one vs_trl lane of part J with its own SFT stage (seed 5), for a one-GPU H100 machine
 #   PART K  (4 GPUs)  part I's 4B training (fp32 and bf16 reduction) and the FSDP GPU tests on GPUs 0,1; part J on 2,3
 # Jobs run under timeouts that leave time to pack the results; each Ray user starts its own instance.
 # Ray, fastapi, uvicorn, trl, ... must be importable (docs/gpu_runs.md: how to carry them as wheels).
@@ -217,11 +218,16 @@ case "$PART" in
        job fsdp_gpu_tests 0,1 20 python -m pytest -v --tb=short --timeout 150 tests/test_fsdp_gpu.py ) &
      seed_lanes 2 "2 3" "${SEED_BASE:-1}" &
      wait ;;
+  L) # session 8, one H100: one vs_trl lane as part J's (120 SFT steps, lr 2e-5, task seed 0, run seed 5), the SFT
+     # stage inside slime's run; the final eval scores the two trained policies on 128 prompts x 4
+     FAST_ARGS="$FAST_ARGS --sft-steps 120 --task-seed 0" VS_TRL_STEPS=20 TRL_MAX_SECONDS=${TRL_MAX_SECONDS:-125} \
+       VS_TRL_EXTRA="--lr 2e-5 --seed 5 --final-eval-models slime,trl --final-eval-prompts 128" RES_TAG=_seed5 \
+       vs_trl_lane 0 ;;
   B) train_4b 0,1,2,3 4 "${AFTER_TRAIN:-330}"  # part 4, then (B_DISAGG=1) the disaggregated step, then part 3's training
      rl_fsdp4 "${AFTER_FSDP4:-150}"
      if [ "${B_DISAGG:-0}" = 1 ]; then rl_disagg 0,1 20 & fi
      train_4b 2,3 2 20 & wait ;;
-  *) echo "PART must be 1, 2, 3, 4, G, H, I, J (or A-F, K on a 4-GPU host)" >&2; exit 2 ;;
+  *) echo "PART must be 1, 2, 3, 4, G, H, I, J, L (or A-F, K on a 4-GPU host)" >&2; exit 2 ;;
 esac
 nvidia-smi --query-gpu=name,memory.used --format=csv >> "$RES/suite.log" 2>&1
 tar czf "$OUT/results_$PART.tgz" -C "$RES" . && cp "$RES/suite.log" "$OUT/suite_$PART.log"
