@@ -41,6 +41,10 @@ PRESETS: dict[str, dict] = {
     "qwen3-4b": dict(_QWEN3_COMMON, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
                      num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936,
                      max_position_embeddings=40960, rope_theta=1000000.0),
+    # the 4B shape's layers, half as many: its training fits one 80 GB GPU without recomputation (an MFU proxy)
+    "qwen3-4b-18l": dict(_QWEN3_COMMON, hidden_size=2560, intermediate_size=9728, num_hidden_layers=18,
+                         num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936,
+                         max_position_embeddings=40960, rope_theta=1000000.0),
     "qwen2.5-0.5b": dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", hidden_act="silu", rms_norm_eps=1e-6,
                          tie_word_embeddings=True, use_cache=True, hidden_size=896, intermediate_size=4864,
                          num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, vocab_size=151936,
