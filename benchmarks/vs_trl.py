@@ -360,6 +360,8 @@ def compare(o: argparse.Namespace) -> dict[str, Any]:
         start = time.perf_counter()
         result["final_eval"] = final_eval(o, workdir, models, data)
         result["final_eval"]["seconds"] = round(time.perf_counter() - start, 1)
+        # --trl-max-seconds may stop TRL before slime's last step: the eval then compares unequal training
+        result["final_eval"]["steps_trained"] = {"slime": len((slime or {}).get("rows", [])), "trl": steps}
     return result
 
 

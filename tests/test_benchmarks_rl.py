@@ -89,18 +89,27 @@ def test_vs_trl_smoke(tmp_path):
     assert final["slime_minus_trl"] == pytest.approx(
         final["models"]["slime"]["accuracy"] - final["models"]["trl"]["accuracy"], abs=1e-4)
     assert final["models"]["slime"]["path"] != final["models"]["sft"]["path"]
+    assert final["steps_trained"] == {"slime": 2, "trl": 2} and final["seconds"] > 0
 
 
 @pytest.mark.skipif(not HAS_TRL, reason="needs trl and datasets (pip install -e '.[bench]')")
 def test_vs_trl_time_budget_compares_the_steps_trl_finished(tmp_path):
-    """--trl-max-seconds 0 stops TRL after its first step; slime's side is then cut to that one step too."""
+    """--trl-max-seconds 0 stops TRL after its first step; slime's side is then cut to that one step too, and the
+    final eval (here of TRL's policy alone) records that the two policies trained for different numbers of steps."""
     out = tmp_path / "vs_trl.json"
     _script("vs_trl.py", "--smoke", "--workdir", str(tmp_path / "work"), "--out", str(out), "--trl-max-seconds", "0",
-            "--final-eval-prompts", "0")
+            "--final-eval-models", "trl")
     result = json.loads(out.read_text())
-    assert "final_eval" not in result and result["trl"]["final_model"] is None
     assert result["steps_compared"] == 1 and len(result["trl"]["step_seconds"]) == 1
     assert result["slime_seconds"] == pytest.approx(result["slime"]["step_seconds"][0], abs=1e-3)
+    assert set(result["final_eval"]["models"]) == {"trl"} and "slime_minus_trl" not in result["final_eval"]
+    assert result["final_eval"]["steps_trained"] == {"slime": 2, "trl": 1}
+
+
+def test_vs_trl_rejects_an_unknown_final_eval_model():
+    done = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "vs_trl.py"), "--workdir", "/tmp/x",
+                           "--final-eval-models", "slime,ref"], capture_output=True, text=True)
+    assert done.returncode != 0 and "--final-eval-models" in done.stderr and "'ref'" in done.stderr
 
 
 def test_vs_trl_summarizes_runs_over_seeds(tmp_path):
