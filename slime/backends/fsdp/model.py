@@ -28,6 +28,7 @@ from slime.backends.fsdp.layer_compile import compile_decoder_layers, compile_mo
 from slime.backends.fsdp.log_probs import chunked_log_probs_and_entropy
 from slime.backends.fsdp.packed_attention import PACKED_ATTENTION, packed_attention_kwargs
 from slime.backends.fsdp.packed_attention import register as register_packed_attention
+from slime.utils.arguments.training import GRAD_REDUCE_DTYPE_NAMES
 
 HF_PREFIX = "hf."
 
@@ -169,7 +170,7 @@ def reshard_after_forward(setting: str, device: str, num_ranks: int, recompute: 
     return setting == "true"
 
 
-GRAD_REDUCE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+GRAD_REDUCE_DTYPES = {name: getattr(torch, name) for name in GRAD_REDUCE_DTYPE_NAMES}
 
 
 def mixed_precision(device: str, grad_reduce_dtype: str = "float32") -> MixedPrecisionPolicy:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+GRAD_REDUCE_DTYPE_NAMES = ("float32", "bfloat16")  # torch dtype names (slime.backends.fsdp.model maps them)
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("training")
@@ -36,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "holds an unsharded gradient (4 bytes per parameter in fp32) and the gathered bf16 "
                             "parameters between micro-batches, so only the step's first all-gather and last "
                             "reduce-scatter communicate.")
-    group.add_argument("--fsdp-grad-reduce-dtype", choices=["float32", "bfloat16"], default="float32",
+    group.add_argument("--fsdp-grad-reduce-dtype", choices=GRAD_REDUCE_DTYPE_NAMES, default="float32",
                        help="dtype of the gradient reduce-scatter on GPU (and of the unsharded accumulation under "
                             "--fsdp-reduce-grads-per-step): bfloat16 halves the bytes; the sharded gradients "
                             "and Adam stay fp32.")
