@@ -153,6 +153,31 @@ def test_load_debug_rollout_data_implies_train_only_and_needs_no_batch_size():
     assert args.debug_train_only is True and args.rollout_batch_size is None
 
 
+def test_dump_details_fills_both_dump_paths_unless_given():
+    args = parse_args(BASE + ["--dump-details", "/tmp/d"])
+    assert args.save_debug_rollout_data == "/tmp/d/rollout_data/{rollout_id}.pt"
+    assert args.save_debug_train_data == "/tmp/d/train_data/{rollout_id}_{rank}.pt"
+    args = parse_args(BASE + ["--dump-details", "/tmp/d", "--save-debug-rollout-data", "/x/{rollout_id}.pt"])
+    assert args.save_debug_rollout_data == "/x/{rollout_id}.pt"
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--save-debug-train-data", "/tmp/{step}.pt"], "--save-debug-train-data '/tmp/{step}.pt' may only use"),
+        (["--save-debug-rollout-data", "/tmp/{rank}.pt"], "--save-debug-rollout-data '/tmp/{rank}.pt' may only use"),
+        (["--save-debug-train-data", "/tmp/{rollout_id}.pt", "--actor-num-gpus-per-node", "2"],
+         "needs the {rank} field: 2 train ranks"),
+        (["--load-debug-rollout-data-subsample", "0.5"], "--load-debug-rollout-data-subsample needs"),
+        (["--load-debug-rollout-data", "/tmp/{rollout_id}.pt", "--load-debug-rollout-data-subsample", "0"],
+         "--load-debug-rollout-data-subsample must be in (0, 1], got 0.0"),
+        (["--save-debug-rollout-data", "/tmp/{rollout_id.pt"], "--save-debug-rollout-data '/tmp/{rollout_id.pt'"),
+    ],
+)
+def test_debug_dump_rules(extra, message, capsys):
+    assert message in parse_error(BASE + extra, capsys)
+
+
 def test_n_samples_one_turns_off_std_normalization():
     assert parse_args(BASE).grpo_std_normalization is False
 
@@ -249,7 +274,7 @@ def test_validation_rule_names_the_flag(argv, message, capsys):
         (["--keep-old-actor"], "not supported yet: --keep-old-actor"),
         (["--advantage-estimator", "ppo"], "not supported yet: --advantage-estimator ppo"),
         (["--async-save"], "not supported yet: --async-save"),
-        (["--dump-details", "/tmp/d"], "not supported yet: --dump-details"),
+        (["--record-memory-history"], "not supported yet: --record-memory-history"),
         (["--memory-snapshot-dir", "/tmp/x"], "not supported yet: --memory-snapshot-dir"),
         (["--num-critic-only-steps", "1"], "not supported yet: --num-critic-only-steps"),
         (["--tensor-model-parallel-size", "2"], "not supported yet: --tensor-model-parallel-size under --train-backend fsdp"),

@@ -145,13 +145,28 @@ def test_debug_rollout_only_then_train_on_exactly_the_dump(ray_module, tiny_mode
         assert len(shards) == 1
         received[rollout_id] = shards[0]
 
-    args = parse_train_args(train_argv(tiny_model_dir, task, "--load-debug-rollout-data", dump))
+    train_dump = str(tmp_path / "train_{rollout_id}_{rank}.pt")
+    args = parse_train_args(train_argv(tiny_model_dir, task, "--load-debug-rollout-data", dump,
+                                       "--save-debug-train-data", train_dump))
     assert args.debug_train_only
     run(args, on_step=on_step)
     for rollout_id in (0, 1):
         saved = load_debug_rollout_data(dump, rollout_id)
         assert len(saved) == 4 and all(s.response_length > 0 for s in saved)
         assert received[rollout_id] == samples_to_train_data(args, saved)
+        train_saved = torch.load(train_dump.format(rollout_id=rollout_id, rank=0), weights_only=False)
+        assert train_saved["rank"] == 0 and train_saved["rollout_data"] == received[rollout_id]
+
+    # half of each dump's prompt groups (whole groups: the first group's two samples)
+    received.clear()
+    args = parse_train_args(train_argv(tiny_model_dir, task, "--load-debug-rollout-data", dump,
+                                       "--load-debug-rollout-data-subsample", "0.5"))
+    run(args, on_step=on_step)
+    for rollout_id in (0, 1):
+        saved = load_debug_rollout_data(dump, rollout_id)
+        first_group = [s for s in saved if s.group_index == saved[0].group_index]
+        assert len(first_group) == 2
+        assert received[rollout_id] == samples_to_train_data(args, first_group)
 
 
 def test_sglang_backend_without_sglang_fails_before_starting(tiny_model_dir, task, capsys):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import math
 import os
 import threading
 import time
@@ -35,6 +36,7 @@ from slime.ray.engine_actor import EngineActor
 from slime.ray.engine_process import ServerProcess, router_add_worker, router_remove_worker, start_router
 from slime.ray.placement import Placement, needs_engines
 from slime.utils.plugins import load_function
+from slime.ray.debug_dumps import load_debug_rollout_data, save_debug_rollout_data, subsample_groups
 from slime.utils.types import Sample
 
 logger = logging.getLogger(__name__)
@@ -70,37 +72,6 @@ def _engine_metrics(before: dict[str, tuple[int, float]], after: dict[str, tuple
         return {}
     steps, seconds = max(deltas, key=lambda d: d[1])
     return {"rollout/engine_steps": float(steps), "time/engine_busy": seconds}
-
-
-def debug_rollout_path(template: str, rollout_id: int) -> Path:
-    try:
-        return Path(template.format(rollout_id=rollout_id))
-    except (KeyError, IndexError) as e:
-        raise ValueError(f"debug rollout data path {template!r} may only use the {{rollout_id}} field") from e
-
-
-def save_debug_rollout_data(template: str, rollout_id: int, samples: list[Sample]) -> Path:
-    import torch
-
-    path = debug_rollout_path(template, rollout_id)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"rollout_id": rollout_id, "samples": [s.to_dict() for s in samples]}, tmp)
-    os.replace(tmp, path)
-    return path
-
-
-def load_debug_rollout_data(template: str, rollout_id: int) -> list[Sample]:
-    import torch
-
-    path = debug_rollout_path(template, rollout_id)
-    if not path.exists():
-        raise ValueError(f"--load-debug-rollout-data: {path} does not exist (rollout {rollout_id})")
-    try:
-        data = torch.load(path, weights_only=False)
-        return [Sample.from_dict(d) for d in data["samples"]]
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        raise ValueError(f"--load-debug-rollout-data: {path} is not a slime rollout dump ({e})") from e
 
 
 class RolloutManager:
@@ -339,6 +310,8 @@ class RolloutManager:
         extra_metrics: dict[str, Any] = {}
         if getattr(args, "load_debug_rollout_data", None):
             samples = load_debug_rollout_data(args.load_debug_rollout_data, rollout_id)
+            if getattr(args, "load_debug_rollout_data_subsample", None) is not None:
+                samples = subsample_groups(samples, args.load_debug_rollout_data_subsample)
         else:
             output = _call_rollout(self.rollout_fn, args, rollout_id, self.data_source, evaluation=False)
             groups, extra_metrics = split_train_output(output)

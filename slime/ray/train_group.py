@@ -72,6 +72,10 @@ class TrainActor:
         import torch
 
         self.last_rollout_data = rollout_data
+        if getattr(self.args, "save_debug_train_data", None):
+            from slime.ray.debug_dumps import save_debug_train_data
+
+            save_debug_train_data(self.args.save_debug_train_data, rollout_id, self.rank, rollout_data)
         on_gpu = torch.cuda.is_available() and getattr(self.trainer, "device", "cpu") == "cuda"
         if on_gpu:
             torch.cuda.reset_peak_memory_stats()

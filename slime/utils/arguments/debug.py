@@ -1,5 +1,6 @@
 """Debug flags: `python train.py --save-debug-rollout-data dump/{rollout_id}.pt ...` then
-`python train.py --load-debug-rollout-data dump/{rollout_id}.pt ...` (trains on the dump, no engines).
+`python train.py --load-debug-rollout-data dump/{rollout_id}.pt ...` (trains on the dump, no engines);
+`--dump-details DIR` saves the rollouts and what each train rank received (`slime/ray/debug_dumps.py`).
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="Train on saved rollouts instead of generating ('{rollout_id}' is replaced); "
                             "implies --debug-train-only.")
     group.add_argument("--load-debug-rollout-data-subsample", type=float, default=None,
-                       help="Use this fraction of the loaded rollout data (not supported yet).")
+                       help="Train on the first fraction (0, 1] of each loaded rollout's prompt groups (whole groups).")
     group.add_argument("--save-debug-train-data", type=str, default=None,
-                       help="Save what each train rank receives (not supported yet).")
+                       help="Save the rollout data each train rank receives; fields '{rollout_id}' and '{rank}'.")
     group.add_argument("--dump-details", type=str, default=None,
-                       help="Dump rollout and train data for post-hoc analysis (not supported yet).")
+                       help="Directory for both dumps: rollout_data/{rollout_id}.pt and train_data/{rollout_id}_{rank}.pt "
+                            "(unless --save-debug-rollout-data / --save-debug-train-data name their own paths).")
     group.add_argument("--profile-target", type=str, nargs="+", choices=["train_overall", "train_actor", "train_log_probs"],
                        default=None, help="Parts of training to profile (not supported yet).")
     group.add_argument("--record-memory-history", action="store_true", default=False,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import string
 from typing import Any
 
 # flag -> the only value accepted until the feature exists.
@@ -22,9 +23,6 @@ NOT_SUPPORTED_YET: dict[str, Any] = {
     "--num-critic-only-steps": 0,
     "--eval-config": None,
     "--http-proxy": None,
-    "--dump-details": None,
-    "--save-debug-train-data": None,
-    "--load-debug-rollout-data-subsample": None,
     "--profile-target": None,
     "--record-memory-history": False,
     "--memory-snapshot-dir": ".",
@@ -93,6 +91,38 @@ def _derive_modes(args: argparse.Namespace) -> None:
         args.debug_train_only = True
     if args.debug_rollout_only and args.debug_train_only:
         raise ValueError("--debug-rollout-only and --debug-train-only (or --load-debug-rollout-data) cannot be used together")
+    _derive_debug_dumps(args)
+
+
+def _derive_debug_dumps(args: argparse.Namespace) -> None:
+    """--dump-details DIR fills the two dump paths left unset; each path template may use only its fields."""
+    if args.dump_details is not None:
+        if args.save_debug_rollout_data is None:
+            args.save_debug_rollout_data = os.path.join(args.dump_details, "rollout_data", "{rollout_id}.pt")
+        if args.save_debug_train_data is None:
+            args.save_debug_train_data = os.path.join(args.dump_details, "train_data", "{rollout_id}_{rank}.pt")
+    for flag, fields in (("--save-debug-rollout-data", {"rollout_id"}), ("--load-debug-rollout-data", {"rollout_id"}),
+                         ("--save-debug-train-data", {"rollout_id", "rank"})):
+        template = getattr(args, _dest(flag))
+        if template is None:
+            continue
+        try:
+            used = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+        except ValueError as e:
+            raise ValueError(f"{flag} {template!r}: {e}") from None
+        if used - fields:
+            raise ValueError(f"{flag} {template!r} may only use the fields {{{'}, {'.join(sorted(fields))}}} "
+                             f"(got {sorted(used - fields)})")
+        ranks = args.actor_num_nodes * args.actor_num_gpus_per_node
+        if flag == "--save-debug-train-data" and "rank" not in used and ranks > 1:
+            raise ValueError(f"{flag} {template!r} needs the {{rank}} field: {ranks} train ranks would overwrite "
+                             f"each other's file")
+    fraction = args.load_debug_rollout_data_subsample
+    if fraction is not None:
+        if args.load_debug_rollout_data is None:
+            raise ValueError("--load-debug-rollout-data-subsample needs --load-debug-rollout-data")
+        if not 0.0 < fraction <= 1.0:
+            raise ValueError(f"--load-debug-rollout-data-subsample must be in (0, 1], got {fraction}")
 
 
 def _check_batch_sizes(args: argparse.Namespace) -> None:
