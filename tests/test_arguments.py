@@ -172,6 +172,8 @@ def test_dump_details_fills_both_dump_paths_unless_given():
         (["--load-debug-rollout-data", "/tmp/{rollout_id}.pt", "--load-debug-rollout-data-subsample", "0"],
          "--load-debug-rollout-data-subsample must be in (0, 1], got 0.0"),
         (["--save-debug-rollout-data", "/tmp/{rollout_id.pt"], "--save-debug-rollout-data '/tmp/{rollout_id.pt'"),
+        (["--use-pytorch-profiler", "--profile-step-start", "3", "--profile-step-end", "3"],
+         "--profile-step-start 3 and --profile-step-end 3: need 0 <= start < end"),
     ],
 )
 def test_debug_dump_rules(extra, message, capsys):

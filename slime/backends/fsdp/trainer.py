@@ -43,6 +43,7 @@ from slime.backends.fsdp.offload import offload_to_cpu, onload_to_device
 from slime.backends.fsdp.optimizer import LRSchedule, build_optimizer, reset_optimizer_states, steps_per_rollout
 from slime.backends.fsdp.ref_model import load_shards, snapshot_shards, swapped_in
 from slime.backends.fsdp.weight_export import iter_weight_buckets
+from slime.logging.profiler import PhaseProfiler
 from slime.utils.plugins import load_function
 
 logger = logging.getLogger(__name__)
@@ -118,6 +119,7 @@ class FSDPTrainer:
         ensure_process_group(self.device, _arg(args, "distributed_timeout_minutes", 10))
         torch.manual_seed(_arg(args, "seed", 1234))
         self.rank, self.dp_size = dist.get_rank(), dist.get_world_size()
+        self.profiler = PhaseProfiler(args, self.rank)
         self.mesh = build_mesh(self.device)
         self.model = build_sharded_policy(args, self.mesh, role=self.role)
         self.optimizer = build_optimizer(self.model.named_parameters(), args)
@@ -261,6 +263,10 @@ class FSDPTrainer:
 
         Returns {"train/<metric>": mean over steps, ..., "steps": [per-step metric dicts]}; every
         rank returns the same numbers."""
+        with self.profiler.phase("train_overall", rollout_id):
+            return self._train(rollout_id, rollout_data)
+
+    def _train(self, rollout_id: int, rollout_data: dict[str, Any]) -> dict[str, Any]:
         self._check_onloaded()
         args = self.args
         start = time.time()
@@ -274,6 +280,32 @@ class FSDPTrainer:
         elif _arg(args, "advantage_estimator", "grpo") == "ppo" and "values" not in batch:
             raise ValueError("--advantage-estimator ppo: the actor needs the critic's values in rollout_data['values'] "
                              "(FSDPTrainer(args, role='critic').compute_values)")
+        with self.profiler.phase("train_log_probs", rollout_id):
+            self._attach_log_probs(batch, rollout_metrics)
+        compute_advantages_from_args(args, batch)
+        apply_rollout_data_postprocess(args, rollout_id, batch)  # --rollout-data-postprocess-path sees log-probs + advantages
+
+        steps = split_into_steps(len(batch["tokens"]), steps_per_rollout(args))
+        with self.profiler.phase("train_actor", rollout_id):
+            step_metrics = [self._train_step(_select(batch, indices)) for indices in steps]
+        if self._mismatch_sums is not None:
+            rollout_metrics.update(self._mismatch_metric_from_sums(self._mismatch_sums))
+            self._mismatch_sums = None
+        ref_interval = _arg(args, "ref_update_interval", None)
+        if self.ref_shards is not None and ref_interval and (rollout_id + 1) % int(ref_interval) == 0:
+            self.ref_shards = snapshot_shards(self.model)  # --ref-update-interval: the reference follows the actor
+        out: dict[str, Any] = {f"train/{k}": v for k, v in rollout_metrics.items()}
+        for key in sorted(set().union(*step_metrics)):
+            values = [m[key] for m in step_metrics if key in m]
+            out[f"train/{key}"] = sum(values) / len(values)
+        out["steps"] = step_metrics
+        out["train/time_s"] = time.time() - start
+        out["train/weight_version"] = self.weight_version
+        return out
+
+    def _attach_log_probs(self, batch: dict[str, Any], rollout_metrics: dict[str, float]) -> None:
+        """batch['log_probs'] (old policy) and batch['ref_log_probs'] where the loss needs them."""
+        args = self.args
         if self.role == "critic":
             pass  # old / ref log-probs, when the KL reward needs them, come from the actor in rollout_data
         elif _arg(args, "use_rollout_logprobs", False):
@@ -297,26 +329,8 @@ class FSDPTrainer:
             ref_start = time.time()
             with swapped_in(self.model, self.ref_shards):
                 batch["ref_log_probs"] = self._log_probs_of(batch)
-            rollout_metrics["log_probs_time_s"] = rollout_metrics.get("log_probs_time_s", 0.0) + time.time() - ref_start
-        compute_advantages_from_args(args, batch)
-        apply_rollout_data_postprocess(args, rollout_id, batch)  # --rollout-data-postprocess-path sees log-probs + advantages
-
-        steps = split_into_steps(len(batch["tokens"]), steps_per_rollout(args))
-        step_metrics = [self._train_step(_select(batch, indices)) for indices in steps]
-        if self._mismatch_sums is not None:
-            rollout_metrics.update(self._mismatch_metric_from_sums(self._mismatch_sums))
-            self._mismatch_sums = None
-        ref_interval = _arg(args, "ref_update_interval", None)
-        if self.ref_shards is not None and ref_interval and (rollout_id + 1) % int(ref_interval) == 0:
-            self.ref_shards = snapshot_shards(self.model)  # --ref-update-interval: the reference follows the actor
-        out: dict[str, Any] = {f"train/{k}": v for k, v in rollout_metrics.items()}
-        for key in sorted(set().union(*step_metrics)):
-            values = [m[key] for m in step_metrics if key in m]
-            out[f"train/{key}"] = sum(values) / len(values)
-        out["steps"] = step_metrics
-        out["train/time_s"] = time.time() - start
-        out["train/weight_version"] = self.weight_version
-        return out
+            rollout_metrics["log_probs_time_s"] = (rollout_metrics.get("log_probs_time_s", 0.0)
+                                                + time.time() - ref_start)
 
     def _old_log_probs_are_current(self) -> bool:
         """Whether the separate old-log-prob forward can be skipped: it cannot change the update when the

@@ -23,7 +23,6 @@ NOT_SUPPORTED_YET: dict[str, Any] = {
     "--num-critic-only-steps": 0,
     "--eval-config": None,
     "--http-proxy": None,
-    "--profile-target": None,
     "--record-memory-history": False,
     "--memory-snapshot-dir": ".",
     "--fp16": False,
@@ -117,6 +116,9 @@ def _derive_debug_dumps(args: argparse.Namespace) -> None:
         if flag == "--save-debug-train-data" and "rank" not in used and ranks > 1:
             raise ValueError(f"{flag} {template!r} needs the {{rank}} field: {ranks} train ranks would overwrite "
                              f"each other's file")
+    if args.use_pytorch_profiler and not 0 <= args.profile_step_start < args.profile_step_end:
+        raise ValueError(f"--profile-step-start {args.profile_step_start} and --profile-step-end "
+                         f"{args.profile_step_end}: need 0 <= start < end (rollout ids start <= id < end are traced)")
     fraction = args.load_debug_rollout_data_subsample
     if fraction is not None:
         if args.load_debug_rollout_data is None:
