@@ -28,7 +28,8 @@ torch.profiler tables (by GPU time, by host time) and the kernel time by kind (m
 against the rollout's wall time. `--variants` runs the trainer once per variant on the same checkpoint and rollouts (one
 baseline): `eager`, `fused` (SLIME_FSDP_COMPILE=1, slime/backends/fsdp/fused_ops.py), `layer`
 (SLIME_FSDP_COMPILE=layer, slime/backends/fsdp/layer_compile.py), `layer-dynamic` (the same with
-dynamic=True from the first call); the JSON keeps each under `variants` (`slime` is the fastest, named by `slime_variant`) and
+dynamic=True from the first call); the JSON keeps each under `variants` (`slime` is the fastest, named by
+`slime_variant`) and
 a table of them is printed last, on stderr. The default `env` keeps whatever SLIME_FSDP_COMPILE says.
 Prints one JSON object; `--out` also writes it. On one H100 (torch 2.11) a preset takes 2-5 minutes,
 most of it writing / loading the checkpoint and the HF baseline: run one preset per command.

@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score the SFT model and both trained policies on this many train prompts (0: no final eval)")
     p.add_argument("--final-eval-samples", type=int, default=4, help="samples per prompt of the final eval")
     p.add_argument("--final-eval-models", default="sft,slime,trl", type=lambda text: text.split(","),
-                   help="which of sft,slime,trl the final eval scores (seed lanes that share one SFT model can skip it)")
+                   help="which of sft,slime,trl the final eval scores (seed lanes sharing one SFT model skip it)")
     p.add_argument("--summarize-seeds", nargs="+", default=None, metavar="JSON",
                    help="no run: combine the JSONs of runs that differ only in --seed (gpu_suite.sh part J) into "
                         "the mean slime - TRL difference of the final eval and of the final reward, with standard "

@@ -1,4 +1,6 @@
-"""python -m pytest -q tests/test_debug_dumps.py   (the dump files of --dump-details; end to end in test_train_loop.py)"""
+"""python -m pytest -q tests/test_debug_dumps.py
+
+The dump files of --dump-details (end to end in test_train_loop.py)."""
 
 from __future__ import annotations
 

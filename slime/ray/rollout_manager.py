@@ -20,11 +20,8 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import math
-import os
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import httpx

@@ -23,8 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--save-debug-train-data", type=str, default=None,
                        help="Save the rollout data each train rank receives; fields '{rollout_id}' and '{rank}'.")
     group.add_argument("--dump-details", type=str, default=None,
-                       help="Directory for both dumps: rollout_data/{rollout_id}.pt and train_data/{rollout_id}_{rank}.pt "
-                            "(unless --save-debug-rollout-data / --save-debug-train-data name their own paths).")
+                       help="Directory for both dumps: rollout_data/{rollout_id}.pt and "
+                            "train_data/{rollout_id}_{rank}.pt (unless --save-debug-rollout-data / "
+                            "--save-debug-train-data name their own paths).")
     group.add_argument("--use-pytorch-profiler", action="store_true", default=False,
                        help="Write torch.profiler traces of --profile-target for rollouts in [--profile-step-start, "
                             "--profile-step-end) (slime/logging/profiler.py).")
