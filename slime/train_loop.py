@@ -47,6 +47,14 @@ def parse_train_args(argv: list[str] | None) -> argparse.Namespace:
     return parse_args(argv, add_custom_arguments=add_loop_arguments)
 
 
+def critic_args(args: argparse.Namespace) -> argparse.Namespace:
+    """The critic group's arguments: the actor's, with --critic-lr as its learning rate when given."""
+    critic = argparse.Namespace(**vars(args))
+    if getattr(args, "critic_lr", None) is not None:
+        critic.lr = args.critic_lr
+    return critic
+
+
 def check_rollout_backend(args: argparse.Namespace) -> None:
     """Fail before Ray starts when --rollout-backend sglang is asked for but SGLang is not installed here."""
     import importlib.util
@@ -78,6 +86,9 @@ class Run:
         self.placement = create_placement(args)
         self.manager = create_rollout_manager(args, self.placement)
         self.trainer = None if args.debug_rollout_only else TrainGroup(args, self.placement)
+        self.critic = None  # PPO: the value model, a second train group on the same bundles
+        if self.trainer is not None and getattr(args, "use_critic", False):
+            self.critic = TrainGroup(critic_args(args), self.placement, role="critic")
         self.engines: list[dict[str, Any]] = ray.get(self.manager.engine_endpoints.remote())
         self.sync_mode = weight_sync_mode(args)
         self.metrics = MetricsLogger.from_args(args)
@@ -89,6 +100,12 @@ class Run:
         start = int(getattr(args, "start_rollout_id", None) or 0)
         if self.trainer is not None:
             start = self.trainer.init()
+        if self.critic is not None:
+            critic_start = self.critic.init()
+            if critic_start != start:
+                raise ValueError(f"--load {getattr(args, 'load', None)}: the actor resumes at rollout {start} but the "
+                                 f"critic (its checkpoints in <load>/critic) at {critic_start}; PPO needs both from "
+                                 f"the same save")
         resumed = start > 0 and bool(getattr(args, "load", None))
         if resumed:
             found = ray.get(self.manager.load.remote(start - 1))
@@ -102,8 +119,14 @@ class Run:
         if self.trainer is not None and self.engines and resumed:
             self.trainer.update_weights(self.engines, self.sync_mode)  # engines start from --hf-checkpoint
         if self.colocated_offload:
-            self.trainer.offload()
+            self._trainers("offload")
         return start
+
+    def _trainers(self, method: str, *args: Any) -> None:
+        """Call `method` on the actor group and, under PPO, the critic group."""
+        for group in (self.trainer, self.critic):
+            if group is not None:
+                getattr(group, method)(*args)
 
     @property
     def colocated_offload(self) -> bool:
@@ -152,20 +175,35 @@ class Run:
             with self.timer("onload"):
                 if self.args.offload_rollout:
                     ray.get(self.manager.release_memory.remote(tags))
-                self.trainer.onload()
+                self._trainers("onload")
+        metrics: dict[str, float] = {}
+        if self.critic is not None:
+            with self.timer("critic_train"):
+                values = self.critic.compute_values(rollout_data)  # before its update: the rollout's values
+                critic_metrics = self.critic.train(rollout_id, rollout_data)
+            metrics.update({"critic/" + k.split("/", 1)[-1]: v for k, v in critic_metrics.items() if k != "steps"})
+            rollout_data = dict(rollout_data, values=values)
+            if rollout_id < int(getattr(self.args, "num_critic_only_steps", 0) or 0):
+                return metrics  # --num-critic-only-steps: the actor waits for a trained critic
         with self.timer("train"):
-            metrics = self.trainer.train(rollout_id, rollout_data)
+            metrics.update(self.trainer.train(rollout_id, rollout_data))
         seconds = self.timer.seconds("train")
         if seconds > 0:
             metrics["train/tokens_per_s"] = train_data_tokens(rollout_data) / seconds
         return metrics
 
+    def save_trainers(self, rollout_id: int) -> None:
+        """The critic first: the actor's tracker file, written last, commits the checkpoint."""
+        if self.critic is not None:
+            self.critic.save(rollout_id)
+        if self.trainer is not None:
+            self.trainer.save(rollout_id)
+
     def save(self, rollout_id: int) -> None:
         with self.timer("save"):
             # data-source state first: the trainer's tracker file, written last, commits the checkpoint as a whole
             ray.get(self.manager.save.remote(rollout_id))
-            if self.trainer is not None:
-                self.trainer.save(rollout_id)
+            self.save_trainers(rollout_id)
 
     @property
     def fault_tolerant(self) -> bool:
@@ -216,7 +254,7 @@ class Run:
             self.push_weights(due=False)  # restarted engines get the current weights without waiting for a due sync
         if self.colocated_offload:
             with self.timer("offload"):
-                self.trainer.offload()
+                self._trainers("offload")
                 if released:
                     ray.get(self.manager.resume_memory.remote(["kv_cache"]))
         return version
@@ -231,8 +269,7 @@ class Run:
     def close(self) -> None:
         """Tear everything down; one failing step does not keep the others (engine processes above all) alive."""
         steps = [self.metrics.close]
-        if self.trainer is not None:
-            steps.append(self.trainer.shutdown)
+        steps += [group.shutdown for group in (self.trainer, self.critic) if group is not None]
         steps += [lambda: ray.get(self.manager.shutdown.remote()), lambda: ray.kill(self.manager), self.placement.remove]
         if self.started_ray:
             steps.append(ray.shutdown)
@@ -316,7 +353,7 @@ def run_async(args: argparse.Namespace, on_start: Callable[["Run", int], None] |
             train_metrics = loop.train(rollout_id, rollout_data) if loop.trainer is not None else {}
             if save_now and loop.trainer is not None:
                 with loop.timer("save"):
-                    loop.trainer.save(rollout_id)
+                    loop.save_trainers(rollout_id)
             _finish_step(loop, summary, rollout_id, rollout_data, (eval_metrics, rollout_metrics, train_metrics),
                          on_step)
     return summary

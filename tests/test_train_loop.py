@@ -180,3 +180,44 @@ def test_sglang_backend_without_sglang_fails_before_starting(tiny_model_dir, tas
         main(train_argv(tiny_model_dir, task, "--rollout-num-gpus", "1", "--rollout-backend", "sglang"))
     assert exit_info.value.code == 2
     assert "--rollout-backend sglang needs SGLang installed" in capsys.readouterr().err
+
+
+def test_ppo_trains_a_critic_beside_the_actor_and_resumes_both(ray_module, tiny_model_dir, task, tmp_path):
+    """--advantage-estimator ppo: a critic group on the actor's bundles (colocated with the engine here) computes
+    the values the actor's GAE uses, trains on its own returns, checkpoints under <save>/critic and resumes."""
+    digests: dict[str, str] = {}
+    received: dict[int, dict | None] = {}
+
+    def on_start(loop, start):
+        digests["initial"] = loop.trainer.weights_digest()
+
+    def on_step(loop, rollout_id, rollout_data, metrics):
+        digests[str(rollout_id)] = loop.trainer.weights_digest()
+        received[rollout_id] = loop.trainer.last_rollout_data()[0]
+
+    ckpt = tmp_path / "ckpt"
+    ppo = ("--colocate", "--advantage-estimator", "ppo", "--num-critic-only-steps", "1", "--critic-lr", "5e-2",
+           "--save-interval", "2")
+    args = parse_train_args(train_argv(tiny_model_dir, task, *ppo, "--save", str(ckpt), "--metrics-dir",
+                                       str(tmp_path)))
+    run(args, on_start=on_start, on_step=on_step)
+    records = _records(tmp_path / "metrics.jsonl")
+    # rollout 0 trains only the critic (at its own learning rate); rollout 1 both
+    assert "critic/value_loss" in records[0] and records[0]["critic/lr"] == pytest.approx(5e-2)
+    assert "train/grad_norm" not in records[0] and received[0] is None and digests["0"] == digests["initial"]
+    assert "critic/value_loss" in records[1] and records[1]["train/lr"] == pytest.approx(1e-2)
+    assert digests["1"] != digests["0"]
+    shard = received[1]
+    assert len(shard["values"]) == len(shard["tokens"])
+    assert [len(v) for v in shard["values"]] == shard["response_lengths"]
+    assert (ckpt / "critic" / "latest_checkpointed_iteration.txt").exists()
+
+    def on_resume(loop, start):
+        digests["resumed"] = loop.trainer.weights_digest()
+        digests["start"] = str(start)
+
+    args = parse_train_args(train_argv(tiny_model_dir, task, *ppo, "--load", str(ckpt), "--save",
+                                       str(tmp_path / "again"), rollouts=3))
+    summary = run(args, on_start=on_resume)
+    assert digests["start"] == "2" and digests["resumed"] == digests["1"]
+    assert summary.last_metrics["critic/value_loss"] >= 0

@@ -34,10 +34,11 @@ def free_port(host: str = "") -> int:
 class TrainActor:
     """One train rank. Created through `ray.remote(TrainActor)` by `TrainGroup`."""
 
-    def __init__(self, args: Any, rank: int, world_size: int) -> None:
+    def __init__(self, args: Any, rank: int, world_size: int, role: str = "actor") -> None:
         self.args = args
         self.rank = rank
         self.world_size = world_size
+        self.role = role
         self.trainer: Any = None
         self.last_rollout_data: dict[str, Any] | None = None
         self._weight_sync: Any = None
@@ -64,7 +65,7 @@ class TrainActor:
             self.args.device = "cpu"
         from slime.backends.fsdp.trainer import FSDPTrainer
 
-        self.trainer = FSDPTrainer(self.args, role="actor")
+        self.trainer = FSDPTrainer(self.args, role=self.role)
         return int(self.trainer.init())
 
     def train(self, rollout_id: int, rollout_data: dict[str, Any]) -> dict[str, Any]:
@@ -72,7 +73,7 @@ class TrainActor:
         import torch
 
         self.last_rollout_data = rollout_data
-        if getattr(self.args, "save_debug_train_data", None):
+        if getattr(self.args, "save_debug_train_data", None) and self.role == "actor":
             from slime.ray.debug_dumps import save_debug_train_data
 
             save_debug_train_data(self.args.save_debug_train_data, rollout_id, self.rank, rollout_data)
@@ -90,6 +91,9 @@ class TrainActor:
 
     def compute_log_probs(self, rollout_data: dict[str, Any]) -> list[list[float]]:
         return [t.detach().float().cpu().tolist() for t in self.trainer.compute_log_probs(rollout_data)]
+
+    def compute_values(self, rollout_data: dict[str, Any]) -> list[Any]:
+        return [t.detach().float().cpu() for t in self.trainer.compute_values(rollout_data)]
 
     def save(self, rollout_id: int) -> None:
         self.trainer.save(rollout_id)
@@ -134,18 +138,21 @@ class TrainActor:
 class TrainGroup:
     """Driver-side handle on the train actors; every call fans out to all ranks and waits."""
 
-    def __init__(self, args: Any, placement: Placement) -> None:
+    def __init__(self, args: Any, placement: Placement, role: str = "actor") -> None:
+        """role "critic" (PPO): a second group on the same bundles (each rank shares its GPU with the actor rank
+        and, colocated, the engine), with its own torch.distributed group."""
         self.args = args
+        self.role = role
         self.world_size = len(placement.actor_bundles)
         if self.world_size == 0:
             raise ValueError("no train ranks placed: set --actor-num-nodes and --actor-num-gpus-per-node")
         actor_cls = ray.remote(TrainActor)
-        gpu_share = 0.4 if placement.use_gpu else 0
+        num_cpus, gpu_share = (0.5, 0.4) if role == "actor" else (0.25, 0.2)
         self.actors = [
             actor_cls.options(
-                num_cpus=0.5, num_gpus=gpu_share, scheduling_strategy=placement.actor_strategy(rank),
-                name=None, max_concurrency=2,
-            ).remote(args, rank, self.world_size)
+                num_cpus=num_cpus, num_gpus=gpu_share if placement.use_gpu else 0,
+                scheduling_strategy=placement.actor_strategy(rank), name=None, max_concurrency=2,
+            ).remote(args, rank, self.world_size, role)
             for rank in range(self.world_size)
         ]
 
@@ -192,6 +199,12 @@ class TrainGroup:
         shards = split_rollout_data(rollout_data, self.world_size, None)
         parts = ray.get([a.compute_log_probs.remote(s) for a, s in zip(self.actors, shards)])
         return [lp for part in parts for lp in part]
+
+    def compute_values(self, rollout_data: dict[str, Any]) -> list[Any]:
+        """Critic: per-sample value tensors, in the rollout's sample order (the shards are contiguous parts)."""
+        shards = split_rollout_data(rollout_data, self.world_size, None)
+        parts = ray.get([a.compute_values.remote(s) for a, s in zip(self.actors, shards)])
+        return [values for part in parts for values in part]
 
     def last_rollout_data(self) -> list[dict[str, Any] | None]:
         return self._all("get_last_rollout_data")

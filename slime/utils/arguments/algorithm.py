@@ -10,7 +10,8 @@ ADVANTAGE_ESTIMATORS = ["grpo", "gspo", "cispo", "reinforce_plus_plus", "reinfor
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("algorithm")
     group.add_argument("--advantage-estimator", choices=ADVANTAGE_ESTIMATORS, default="grpo",
-                       help="How advantages are computed (ppo needs a critic: not supported yet).")
+                       help="How advantages are computed; ppo trains a critic (value model) beside the actor and "
+                            "uses GAE (--gamma, --lambd).")
     group.add_argument("--loss-type", choices=["policy_loss", "sft_loss", "custom_loss"], default="policy_loss",
                        help="custom_loss uses --custom-loss-function-path.")
     group.add_argument("--custom-loss-function-path", type=str, default=None,

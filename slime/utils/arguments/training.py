@@ -46,6 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="Optimizer steps with a NaN/Inf loss or gradient are skipped and logged; the run stops "
                             "with an error after this many in a row.")
     group.add_argument("--num-critic-only-steps", type=int, default=0,
-                       help="Rollouts that train only the critic first (not supported yet).")
+                       help="PPO: rollouts (ids 0..N-1) that train only the critic, so the actor starts from "
+                            "trained values.")
+    group.add_argument("--critic-lr", type=float, default=None,
+                       help="PPO: the critic's learning rate (default --lr); its schedule follows the --lr-* flags.")
     group.add_argument("--custom-model-provider-path", type=str, default=None,
                        help="module.attr of a function that builds the model (not supported yet).")

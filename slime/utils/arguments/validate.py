@@ -20,7 +20,6 @@ NOT_SUPPORTED_YET: dict[str, Any] = {
     "--keep-old-actor": False,
     "--check-weight-update-equal": False,
     "--async-save": False,
-    "--num-critic-only-steps": 0,
     "--eval-config": None,
     "--http-proxy": None,
     "--record-memory-history": False,
@@ -29,9 +28,7 @@ NOT_SUPPORTED_YET: dict[str, Any] = {
 }
 
 # flag -> values whose feature is not built (other values work).
-NOT_SUPPORTED_VALUES: dict[str, list[Any]] = {
-    "--advantage-estimator": ["ppo"],  # needs a critic
-}
+NOT_SUPPORTED_VALUES: dict[str, list[Any]] = {}
 
 # flag -> the only value accepted under --train-backend fsdp (these need the Megatron backend).
 NOT_SUPPORTED_UNDER_FSDP: dict[str, Any] = {
@@ -179,6 +176,14 @@ def _check_algorithm(args: argparse.Namespace) -> None:
     if args.n_samples_per_prompt == 1:
         args.grpo_std_normalization = False
     args.use_critic = args.advantage_estimator == "ppo"
+    if args.use_critic and args.kl_coef != 0.0:
+        raise ValueError("not supported yet: --kl-coef with --advantage-estimator ppo (the critic would need the "
+                         "actor's log-probs to shape its rewards); use --use-kl-loss for a KL penalty")
+    if args.num_critic_only_steps < 0 or (args.num_critic_only_steps and not args.use_critic):
+        raise ValueError(f"--num-critic-only-steps {args.num_critic_only_steps}: needs --advantage-estimator ppo "
+                         f"and a count >= 0")
+    if args.critic_lr is not None and (not args.use_critic or args.critic_lr <= 0):
+        raise ValueError(f"--critic-lr {args.critic_lr}: needs --advantage-estimator ppo and a rate > 0")
 
 
 def _check_rollout(args: argparse.Namespace) -> None:
