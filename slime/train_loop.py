@@ -140,7 +140,7 @@ class Run:
     # ---- schedule -----------------------------------------------------------------------------
     def eval_due(self, step: int, start: int, num_rollout: int) -> bool:
         interval = getattr(self.args, "eval_interval", None)
-        if interval is None or not self.args.eval_prompt_data:
+        if interval is None or not getattr(self.args, "eval_datasets", None):
             return False
         if step == start:
             return not getattr(self.args, "skip_eval_before_train", False)

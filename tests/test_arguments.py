@@ -302,3 +302,48 @@ def test_add_custom_arguments_hook():
     args = parse_args(BASE + ["--my-flag", "7"],
                       add_custom_arguments=lambda parser: parser.add_argument("--my-flag", type=int, default=0))
     assert args.my_flag == 7
+
+
+def test_eval_config_datasets_with_defaults_and_overrides(tmp_path):
+    config = tmp_path / "eval.yaml"
+    config.write_text("eval:\n  defaults: {n_samples_per_eval_prompt: 4, temperature: 1}\n  datasets:\n"
+                      "    - {name: aime, path: aime.jsonl, n_samples_per_eval_prompt: 16, rm_type: math}\n"
+                      "    - {name: gsm8k, path: g.jsonl, label_key: answer}\n")
+    args = parse_args(BASE + ["--eval-config", str(config), "--eval-prompt-data", "extra", "x.jsonl",
+                              "--eval-interval", "5"])
+    assert args.eval_datasets == [
+        {"name": "aime", "path": "aime.jsonl",
+         "overrides": {"n_samples_per_eval_prompt": 16, "eval_temperature": 1.0, "rm_type": "math"}},
+        {"name": "gsm8k", "path": "g.jsonl",
+         "overrides": {"n_samples_per_eval_prompt": 4, "eval_temperature": 1.0, "eval_label_key": "answer"}},
+        {"name": "extra", "path": "x.jsonl"}]
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("datasets: []\n", "a non-empty 'datasets' list"),
+        ("datasets:\n  - {name: a, path: a.jsonl, temprature: 1.0}\n",
+         "dataset 'a': unknown setting(s) ['temprature']"),
+        ("datasets:\n  - {name: a, path: a.jsonl, n_samples_per_eval_prompt: 0}\n",
+         "n_samples_per_eval_prompt must be > 0"),
+        ("datasets:\n  - {name: a, path: a.jsonl, top_k: fast}\n", "top_k must be of type int, got 'fast'"),
+        ("datasets:\n  - {name: a, path: a.jsonl}\n  - {name: a, path: b.jsonl}\n", "'a' appears twice"),
+        ("datasets:\n  - {name: a}\n", "dataset 0 needs a 'name' and a 'path'"),
+        ("eval: {datasets: [{name: a, path: a.jsonl}], extra: 1}\n", "unknown key(s) ['extra']"),
+        ("datasets: [\n", "not valid YAML"),
+    ],
+)
+def test_eval_config_errors_name_the_file_and_the_dataset(tmp_path, capsys, text, message):
+    config = tmp_path / "eval.yaml"
+    config.write_text(text)
+    error = parse_error(BASE + ["--eval-config", str(config)], capsys)
+    assert f"--eval-config {config}" in error and message in error
+
+
+def test_eval_config_file_not_found_and_name_clash(tmp_path, capsys):
+    assert "file not found" in parse_error(BASE + ["--eval-config", str(tmp_path / "none.yaml")], capsys)
+    config = tmp_path / "eval.yaml"
+    config.write_text("datasets:\n  - {name: a, path: a.jsonl}\n")
+    assert "must be unique" in parse_error(BASE + ["--eval-config", str(config), "--eval-prompt-data", "a", "b.jsonl"],
+                                           capsys)

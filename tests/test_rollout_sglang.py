@@ -400,3 +400,39 @@ def test_eval_rollout_per_dataset_rewards_and_pass_at_k(engine, tiny_model_dir, 
         assert f"eval/{name}" in output.metrics
         assert f"eval/{name}/pass@1" in output.metrics and f"eval/{name}/pass@2" in output.metrics
     assert server_state(engine.url)["num_running_requests"] == 0
+
+
+LABEL_ECHO_REWARD = '''
+async def label_is_b(args, sample, **kwargs):
+    return 1.0 if sample.label == "b" else 0.0
+'''
+
+
+def test_eval_config_gives_each_dataset_its_own_settings(engine, tiny_model_dir, tmp_path, plugin_dir):
+    """--eval-config: two datasets over the same file differ in samples per prompt, response length, label key and
+    reward function (the file's defaults apply where a dataset names nothing)."""
+    from slime.utils.arguments.eval_config import load_eval_config
+
+    data = tmp_path / "a.jsonl"
+    data.write_text("".join(json.dumps({"input": f"{i}+0=", "label": str(i), "other": "b"}) + "\n" for i in range(3)))
+    rewards = plugin_dir("eval_cfg_rewards", LABEL_ECHO_REWARD)
+    config = tmp_path / "eval.yaml"
+    config.write_text(f"""
+eval:
+  defaults: {{n_samples_per_eval_prompt: 2, max_response_len: 3}}
+  datasets:
+    - {{name: plain, path: {data}}}
+    - {{name: tuned, path: {data}, n_samples_per_eval_prompt: 4, max_response_len: 5, label_key: other,
+       custom_rm_path: {rewards}.label_is_b, temperature: 0.5}}
+""")
+    args = rollout_args(tiny_model_dir, engine.port, rm_type="math", eval_datasets=load_eval_config(str(config)))
+    output = generate_rollout(args, 0, None, evaluation=True)
+    plain, tuned = output.data["plain"], output.data["tuned"]
+    assert len(plain["samples"]) == 6 and len(tuned["samples"]) == 12
+    assert all(s.response_length <= 3 for s in plain["samples"])
+    assert all(s.response_length <= 5 for s in tuned["samples"])
+    assert [s.label for s in plain["samples"]] == ["0", "0", "1", "1", "2", "2"]
+    assert {s.label for s in tuned["samples"]} == {"b"}
+    assert output.metrics["eval/tuned"] == 1.0  # its own reward function: every label is "b"
+    assert "eval/tuned/pass@4" in output.metrics and "eval/plain/pass@4" not in output.metrics
+    assert args.n_samples_per_eval_prompt == 1 and args.eval_temperature != 0.5  # the run's own args are untouched

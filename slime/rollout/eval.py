@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from slime.utils.types import Sample
@@ -32,16 +32,28 @@ EVAL_SAMPLES_PER_REQUEST = 8
 class EvalDataset:
     name: str
     path: str
+    overrides: dict[str, Any] = field(default_factory=dict)  # argument dest -> value (--eval-config)
+
+    def args(self, args):
+        """The run's arguments with this dataset's settings over them."""
+        if not self.overrides:
+            return args
+        merged = copy.copy(args)
+        for dest, value in self.overrides.items():
+            setattr(merged, dest, value)
+        return merged
 
 
 def eval_datasets(args) -> list[EvalDataset]:
-    """From `args.eval_datasets` ([{"name", "path"}], filled by the argument parser) or `--eval-prompt-data` pairs."""
+    """From `args.eval_datasets` ([{"name", "path", "overrides"?}], filled by the argument parser from --eval-config
+    and --eval-prompt-data) or, for hand-made args, `--eval-prompt-data` pairs."""
     configured = getattr(args, "eval_datasets", None)
     if configured:
         for i, entry in enumerate(configured):
             if not isinstance(entry, dict) or not entry.get("name") or not entry.get("path"):
                 raise ValueError(f"eval dataset {i} needs a name and a path, got {entry!r:.100}")
-        return [EvalDataset(str(entry["name"]), str(entry["path"])) for entry in configured]
+        return [EvalDataset(str(entry["name"]), str(entry["path"]), dict(entry.get("overrides") or {}))
+                for entry in configured]
     pairs = getattr(args, "eval_prompt_data", None) or []
     if len(pairs) % 2:
         raise ValueError(f"--eval-prompt-data takes name/path pairs, got {len(pairs)} values: {pairs}")
@@ -54,16 +66,17 @@ def _load_prompts(args, dataset: EvalDataset) -> list[Sample]:
 
     apply_template = bool(getattr(args, "apply_chat_template", False))
     max_len = getattr(args, "eval_max_prompt_len", None) or getattr(args, "rollout_max_prompt_len", None)
-    key = (dataset.path, apply_template, max_len, getattr(args, "hf_checkpoint", None))
+    keys = dict(input_key=getattr(args, "eval_input_key", None) or getattr(args, "input_key", "input"),
+                label_key=getattr(args, "eval_label_key", None) or getattr(args, "label_key", None),
+                metadata_key=getattr(args, "metadata_key", "metadata"),
+                tool_key=getattr(args, "eval_tool_key", None) or getattr(args, "tool_key", "tools"))
+    key = (dataset.path, apply_template, max_len, getattr(args, "hf_checkpoint", None), *keys.values())
     if key not in _DATASETS:
         tokenizer = load_tokenizer(args.hf_checkpoint) if (apply_template or max_len) else None
         _DATASETS[key] = load_prompt_dataset(
             dataset.path,
             tokenizer=tokenizer,
-            input_key=getattr(args, "eval_input_key", None) or getattr(args, "input_key", "input"),
-            label_key=getattr(args, "eval_label_key", None) or getattr(args, "label_key", None),
-            metadata_key=getattr(args, "metadata_key", "metadata"),
-            tool_key=getattr(args, "eval_tool_key", None) or getattr(args, "tool_key", "tools"),
+            **keys,
             apply_chat_template=apply_template,
             apply_chat_template_kwargs=getattr(args, "apply_chat_template_kwargs", None),
             max_prompt_len=max_len,
@@ -106,6 +119,7 @@ def dataset_metrics(name: str, rewards: list[float], truncated: list[bool], n: i
 async def eval_one_dataset(args, rollout_id: int, dataset: EvalDataset) -> tuple[dict[str, Any], dict[str, float]]:
     from .sglang_rollout import generate_and_rm_group
 
+    args = dataset.args(args)
     n = int(getattr(args, "n_samples_per_eval_prompt", 1) or 1)
     params = base_sampling_params(args, evaluation=True)
     samples: list[Sample] = []

@@ -16,7 +16,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--eval-prompt-data", type=str, nargs="+", default=None,
                        help="Name/path pairs: --eval-prompt-data aime aime.jsonl gsm8k gsm8k.jsonl.")
     group.add_argument("--eval-config", type=str, default=None,
-                       help="YAML describing eval datasets (not supported yet).")
+                       help="YAML of eval datasets with per-dataset sampling, keys and reward "
+                            "(slime/utils/arguments/eval_config.py); combines with --eval-prompt-data.")
     group.add_argument("--skip-eval-before-train", action="store_true", default=False,
                        help="Do not evaluate before the first rollout.")
     group.add_argument("--eval-input-key", type=str, default=None, help="Default: --input-key.")

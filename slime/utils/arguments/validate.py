@@ -13,6 +13,8 @@ import os
 import string
 from typing import Any
 
+from slime.utils.arguments.eval_config import load_eval_config
+
 # flag -> the only value accepted until the feature exists.
 NOT_SUPPORTED_YET: dict[str, Any] = {
     "--train-backend": "fsdp",
@@ -20,7 +22,6 @@ NOT_SUPPORTED_YET: dict[str, Any] = {
     "--keep-old-actor": False,
     "--check-weight-update-equal": False,
     "--async-save": False,
-    "--eval-config": None,
     "--http-proxy": None,
     "--record-memory-history": False,
     "--memory-snapshot-dir": ".",
@@ -206,8 +207,8 @@ def _check_rollout(args: argparse.Namespace) -> None:
             f"--eval-prompt-data takes name/path pairs (e.g. aime aime.jsonl), got {len(args.eval_prompt_data)} values: "
             + " ".join(args.eval_prompt_data)
         )
-    if args.eval_interval is not None and not args.eval_prompt_data:
-        raise ValueError("--eval-interval needs --eval-prompt-data")
+    if args.eval_interval is not None and not args.eval_prompt_data and not args.eval_config:
+        raise ValueError("--eval-interval needs --eval-prompt-data or --eval-config")
     if args.rm_type is not None and args.rm_type.removeprefix("boxed_") == "remote_rm" and args.rm_url is None:
         raise ValueError("--rm-type remote_rm needs --rm-url")
 
@@ -313,7 +314,11 @@ def _derive_eval(args: argparse.Namespace) -> None:
         if getattr(args, eval_name) is None:
             setattr(args, eval_name, getattr(args, rollout_name))
     pairs = args.eval_prompt_data or []
-    args.eval_datasets = [{"name": pairs[i], "path": pairs[i + 1]} for i in range(0, len(pairs), 2)]
+    configured = load_eval_config(args.eval_config) if args.eval_config else []
+    args.eval_datasets = configured + [{"name": pairs[i], "path": pairs[i + 1]} for i in range(0, len(pairs), 2)]
+    names = [d["name"] for d in args.eval_datasets]
+    if len(set(names)) != len(names):
+        raise ValueError(f"eval dataset names must be unique across --eval-config and --eval-prompt-data: {names}")
 
 
 def _derive_misc(args: argparse.Namespace) -> None:

@@ -19,18 +19,19 @@ from slime.utils.arguments.sglang import PREFIX as SGLANG_PREFIX
 from slime.utils.arguments.value_types import json_object
 
 
-def load_yaml_mapping(path: str) -> dict[str, Any]:
+def load_yaml_mapping(path: str, flag: str = "--custom-config-path",
+                      expected: str = "a mapping of flag names to values") -> dict[str, Any]:
     try:
         with open(path) as f:
             data = yaml.safe_load(f)
     except FileNotFoundError:
-        raise ValueError(f"--custom-config-path {path}: file not found") from None
+        raise ValueError(f"{flag} {path}: file not found") from None
     except yaml.YAMLError as exc:
-        raise ValueError(f"--custom-config-path {path}: not valid YAML ({exc})") from None
+        raise ValueError(f"{flag} {path}: not valid YAML ({exc})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ValueError(f"--custom-config-path {path}: expected a mapping of flag names to values, got {type(data).__name__}")
+        raise ValueError(f"{flag} {path}: expected {expected}, got {type(data).__name__}")
     return data
 
 
