@@ -27,7 +27,7 @@ from slime.logging.timer import PhaseTimer
 from slime.ray.placement import create_placement, init_ray
 from slime.ray.rollout_manager import create_rollout_manager
 from slime.ray.train_group import TrainGroup
-from slime.ray.weight_sync import weight_sync_mode
+from slime.ray.weight_sync import check_weight_update_equal, weight_sync_mode
 
 logger = logging.getLogger(__name__)
 
@@ -118,6 +118,9 @@ class Run:
             ray.get(self.manager.load.remote(None))
         if self.trainer is not None and self.engines and resumed:
             self.trainer.update_weights(self.engines, self.sync_mode)  # engines start from --hf-checkpoint
+        if self.trainer is not None and self.engines and getattr(args, "check_weight_update_equal", False):
+            check_weight_update_equal([e["url"] for e in self.engines],
+                                      lambda: self.trainer.update_weights(self.engines, self.sync_mode))
         if self.colocated_offload:
             self._trainers("offload")
         return start

@@ -312,3 +312,29 @@ def test_update_weight_version_only(server):
     assert response.status_code == 200 and response.json()["new_version"] == "relabelled"
     assert httpx.get(server.url + "/get_weight_version").json() == {"weight_version": "relabelled"}
     assert served(server)["version"] == "relabelled"
+
+
+def test_weights_checker_finds_the_tensor_an_update_left_out(server, seeds):
+    """/weights_checker (--check-weight-update-equal): after snapshot and reset_tensors, an update that skips one
+    tensor leaves exactly that tensor different; the full update restores every tensor bit for bit."""
+    dirs, refs = seeds
+    assert post(server, "/update_weights_from_disk", {"model_path": str(dirs[0]), "weight_version": "v0"}).json()[
+        "success"]
+    for action in ("snapshot", "reset_tensors"):
+        response = post(server, "/weights_checker", {"action": action})
+        assert response.status_code == 200 and response.json()["success"], response.text
+    named = checkpoint_tensors(dirs[0])
+    partial = [(n, t) for n, t in named if n != "model.norm.weight"]
+    update = {"serialized_named_tensors": [serialize_named_tensors(partial)], "weight_version": "partial"}
+    assert post(server, "/update_weights_from_tensor", update).json()["success"]
+    response = post(server, "/weights_checker", {"action": "compare"})
+    assert response.status_code == 400 and not response.json()["success"]
+    assert "1 of" in response.json()["message"] and "model.norm.weight" in response.json()["message"]
+
+    update = {"serialized_named_tensors": [serialize_named_tensors(named)], "weight_version": "v0"}
+    assert post(server, "/update_weights_from_tensor", update).json()["success"]
+    response = post(server, "/weights_checker", {"action": "compare"})
+    assert response.status_code == 200 and "tensors equal the snapshot" in response.json()["message"]
+    assert_serves(server, refs[0], "v0")
+    bad = post(server, "/weights_checker", {"action": "rewind"})
+    assert bad.status_code == 400 and "is not one of snapshot, reset_tensors, compare" in bad.json()["message"]

@@ -85,6 +85,18 @@ def test_weight_updates_from_disk_and_tensors(tp2, sharp_tiny_dir, new_weights_d
         tp2.load_serialized_weights([payload] * 3)
 
 
+def test_weights_checker_on_every_rank(tp2, sharp_tiny_dir, reference):
+    """snapshot / reset_tensors / compare reach each tp rank's shard (--check-weight-update-equal)."""
+    tp2.load_weights_from_disk(str(sharp_tiny_dir))
+    assert tp2.runner.check_weights("snapshot").startswith("snapshot of")
+    tp2.runner.check_weights("reset_tensors")
+    with pytest.raises((ValueError, RuntimeError), match="tensors differ from the snapshot"):
+        tp2.runner.check_weights("compare")
+    tp2.load_weights_from_disk(str(sharp_tiny_dir))
+    assert "equal the snapshot" in tp2.runner.check_weights("compare")
+    assert_same(reference["old"], tp2.generate(ENGINE_PROMPTS, GREEDY))
+
+
 def mixed_dtypes(named: list[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
     """Every other tensor as float64 (lossless): buckets of two interleaved dtypes."""
     return [(n, t.double() if i % 2 else t) for i, (n, t) in enumerate(named)]

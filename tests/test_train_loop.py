@@ -43,6 +43,7 @@ def test_colocated_tensor_sync_respects_interval(ray_module, tiny_model_dir, tas
         gaps[rollout_id] = logprob_gap(loop, PROMPTS)
 
     args = parse_train_args(train_argv(tiny_model_dir, task, "--colocate", "--update-weights-interval", "2",
+                                       "--check-weight-update-equal",
                                        "--eval-prompt-data", "heldout", str(task["test"]), "--eval-interval", "2",
                                        "--eval-top-k", "1", "--metrics-dir", str(tmp_path),
                                        "--custom-rollout-log-function-path", "tests.ray_helpers.record_rollout_log",
@@ -96,7 +97,8 @@ def test_disaggregated_broadcast_sync_and_resume(ray_module, tiny_model_dir, tas
         gaps.append(logprob_gap(loop, PROMPTS))  # resumed weights were pushed to the fresh engine
 
     args = parse_train_args(train_argv(tiny_model_dir, task, *common, "--load", str(first), "--save", str(second),
-                                       "--save-debug-rollout-data", str(second / "dump_{rollout_id}.pt"), rollouts=4))
+                                       "--save-debug-rollout-data", str(second / "dump_{rollout_id}.pt"),
+                                       "--check-weight-update-equal", rollouts=4))
     summary = run(args, on_start=record_start)
     assert digests["start"] == "2" and summary.start_rollout_id == 2
     assert digests["resumed"] == digests["saved"], "weights after --load differ from the ones saved at rollout 1"

@@ -36,6 +36,7 @@ from slime.engine.models.registry import model_spec_for
 from slime.engine.parallel import TPInfo
 from slime.engine.sampler import Sampler, SamplingTensors
 from slime.engine.sequence import Sequence
+from slime.engine.weight_checker import WeightChecker
 
 
 def _triton_ready(device: torch.device) -> bool:
@@ -102,6 +103,7 @@ class ModelRunner:
         self.num_blocks = self.tp.min_int(self._count_kv_blocks(), self.device)
         self.kv_cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self.weights_backup: dict[str, torch.Tensor] | None = None
+        self.weight_checker: WeightChecker | None = None
         self.allocate_kv_cache()
         self.decode_graphs = None
         if fast_gpu and not config.enforce_eager and _is_triton_attention(attention):
@@ -183,6 +185,14 @@ class ModelRunner:
 
     def load_weights_from_disk(self, path: str) -> None:
         self.load_weights(iterate_checkpoint(path))
+
+    def check_weights(self, action: str) -> str:
+        """`/weights_checker`: snapshot / reset_tensors / compare this rank's parameters (weight_checker.py)."""
+        if self.weights_offloaded:
+            raise RuntimeError("weights are released; resume_memory(['weights']) before checking them")
+        if self.weight_checker is None:
+            self.weight_checker = WeightChecker()
+        return self.weight_checker.handle(self.model, action)
 
     # ---- batches --------------------------------------------------------------------------------
     def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:

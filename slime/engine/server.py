@@ -479,6 +479,16 @@ def create_app(engine: AsyncEngine, tokenizer: Any, *, model_path: str, tokenize
                                         "load_format": str}, required=("names", "dtypes", "shapes"))
         return await server.update_from_distributed(body)
 
+    @app.post("/weights_checker")
+    async def weights_checker(request: Request):
+        """--check-weight-update-equal: snapshot / reset_tensors / compare the parameters (weight_checker.py)."""
+        body = await read_json_object(request, {"action": str}, required=("action",))
+        try:
+            message = await engine.call(lambda e: e.runner.check_weights(body["action"]))
+        except (RuntimeError, ValueError) as e:
+            return _result(False, f"weights_checker {body['action']}: {e}")
+        return _result(True, message)
+
     @app.post("/destroy_weights_update_group")
     async def destroy_weights_update_group(request: Request):
         body = await read_json_object(request, {"group_name": str})

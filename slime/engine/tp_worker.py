@@ -345,6 +345,10 @@ class TPModelRunner:
     def load_weights_from_disk(self, path: str) -> None:
         self._call_runner("load_weights_from_disk", path)
 
+    def check_weights(self, action: str) -> str:
+        """Every rank checks its shard; a rank whose shard differs makes the call fail with its tensor names."""
+        return self._call_runner("check_weights", action)
+
     def load_serialized(self, payloads: list[str]) -> int:
         """`/update_weights_from_tensor`: rank r loads payloads[r] (or payloads[0] when only one is given)."""
         from slime.engine.weight_transport import deserialize_named_tensors, finish_reading

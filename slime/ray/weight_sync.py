@@ -27,7 +27,7 @@ import os
 import tempfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Iterable, Iterator, TypeVar
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import httpx
 
@@ -69,6 +69,25 @@ def check_engine_versions(urls: list[str], version: int) -> None:
     wrong = {u: v for u, v in seen.items() if v != str(version)}
     if wrong:
         raise RuntimeError(f"weight sync: engines report versions {wrong}, the trainer is at {version}")
+
+
+def check_weight_update_equal(urls: list[str], push: Callable[[], Any]) -> None:
+    """--check-weight-update-equal: every engine snapshots its weights (equal to the trainer's at this point) and
+    overwrites them with noise; `push()` sends the trainer's weights; every engine must then hold its snapshot
+    again, bit for bit. Raises naming the engine and the tensors that differ."""
+    for action in ("snapshot", "reset_tensors"):
+        for url in urls:
+            _post(f"{url}/weights_checker", {"action": action})
+    push()
+    failures = []
+    for url in urls:
+        try:
+            _post(f"{url}/weights_checker", {"action": "compare"})
+        except RuntimeError as e:
+            failures.append(str(e))
+    if failures:
+        raise RuntimeError("--check-weight-update-equal: the weight update did not restore every engine tensor: "
+                           + "; ".join(failures))
 
 
 def _first_failure(futures: list[Future]) -> str | None:

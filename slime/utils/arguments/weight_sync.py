@@ -21,4 +21,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--keep-old-actor", action="store_true", default=False,
                        help="Keep a copy of the previous actor weights (not supported yet).")
     group.add_argument("--check-weight-update-equal", action="store_true", default=False,
-                       help="After a sync, compare engine weights with the trainer's (not supported yet).")
+                       help="At start-up, check that a weight sync writes every engine tensor exactly: the "
+                            "engines snapshot their weights, overwrite them with noise, receive the trainer's and "
+                            "must equal the snapshot (the run stops naming the tensors that differ).")
