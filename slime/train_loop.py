@@ -182,10 +182,9 @@ class Run:
         metrics: dict[str, float] = {}
         if self.critic is not None:
             with self.timer("critic_train"):
-                values = self.critic.compute_values(rollout_data)  # before its update: the rollout's values
+                rollout_data = dict(rollout_data, values=self.critic.compute_values(rollout_data))  # before its update
                 critic_metrics = self.critic.train(rollout_id, rollout_data)
             metrics.update({"critic/" + k.split("/", 1)[-1]: v for k, v in critic_metrics.items() if k != "steps"})
-            rollout_data = dict(rollout_data, values=values)
             if rollout_id < int(getattr(self.args, "num_critic_only_steps", 0) or 0):
                 return metrics  # --num-critic-only-steps: the actor waits for a trained critic
         with self.timer("train"):

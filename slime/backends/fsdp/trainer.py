@@ -276,7 +276,8 @@ class FSDPTrainer:
         rollout_metrics: dict[str, float] = {}
         self._mismatch_sums = None
         if self.role == "critic":
-            batch["values"] = self._values_of(batch)
+            if "values" not in batch:  # the driver may hand over the values it just had this critic compute
+                batch["values"] = self._values_of(batch)
         elif _arg(args, "advantage_estimator", "grpo") == "ppo" and "values" not in batch:
             raise ValueError("--advantage-estimator ppo: the actor needs the critic's values in rollout_data['values'] "
                              "(FSDPTrainer(args, role='critic').compute_values)")
