@@ -157,3 +157,48 @@ def test_save_hf_keeps_the_source_checkpoint_dtype(tmp_path):
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["dtype"] == "bfloat16"
     with safe_open(str(tmp_path / "hf" / "model.safetensors"), "pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}  # noqa: SIM118 (safe_open has no __iter__)
+
+
+def _async_save_scenario(rank: int, world_size: int, model_dir: str, save_dir: str) -> dict:
+    import os
+
+    from slime.backends.fsdp.trainer import FSDPTrainer
+    from slime.ray.data_split import split_rollout_data
+
+    shards = [split_rollout_data(make_rollout_data(8, seed=s), world_size, 4)[rank] for s in (2, 3, 4)]
+    trainer = FSDPTrainer(make_args(model_dir, save=save_dir, async_save=True, **COMMON))
+    trainer.init()
+    trainer.train(0, shards[0])
+    trainer.save(0)  # returns once the state is staged; the write goes on in the background
+    saved = _local_params(trainer)
+    trainer.train(1, shards[1])  # the weights move while checkpoint 0 is written
+    moved = _local_params(trainer)
+    trainer.save(1)  # commits checkpoint 0 first
+    out = {"tracker_after_second_save": int(open(os.path.join(save_dir, "latest_checkpointed_iteration.txt")).read())}
+    trainer.finish_saving()
+    out["tracker_at_end"] = int(open(os.path.join(save_dir, "latest_checkpointed_iteration.txt")).read())
+    out["entries"] = sorted(os.listdir(save_dir))
+
+    loaded = {}
+    for iteration in (0, 1):
+        resumed = FSDPTrainer(make_args(model_dir, load=save_dir, start_rollout_id=None, **COMMON))
+        from slime.backends.fsdp import checkpoint as ckpt
+
+        resumed.init()  # the latest checkpoint (1)
+        if iteration == 0:
+            ckpt.load_checkpoint(save_dir, 0, resumed.model, resumed.optimizer)
+        loaded[iteration] = _local_params(resumed)
+    out["equal_to_staged"] = all(torch.equal(loaded[0][n], saved[n]) for n in saved)
+    out["equal_to_moved"] = all(torch.equal(loaded[1][n], moved[n]) for n in moved)
+    out["staged_differs_from_moved"] = any(not torch.equal(saved[n], moved[n]) for n in saved)
+    return out
+
+
+def test_async_save_keeps_the_staged_state_and_commits_in_order(tmp_path, tiny_model_dir):
+    """--async-save: checkpoint 0 holds the weights of the moment it was saved although training changed them
+    while it was written; each checkpoint is committed before the next save and by finish_saving."""
+    outs = run_ranks(_async_save_scenario, 2, tmp_path, model_dir=str(tiny_model_dir), save_dir=str(tmp_path / "ck"))
+    for out in outs:
+        assert out["staged_differs_from_moved"] and out["equal_to_staged"] and out["equal_to_moved"]
+        assert out["tracker_after_second_save"] == 0 and out["tracker_at_end"] == 1
+        assert out["entries"] == ["iter_0000000", "iter_0000001", "latest_checkpointed_iteration.txt"]

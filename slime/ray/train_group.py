@@ -126,9 +126,14 @@ class TrainActor:
             self._weight_sync = WeightSync(self.args, self.rank, mode)
         return self._weight_sync.update(self.trainer, engines)
 
+    def finish_saving(self) -> None:
+        self.trainer.finish_saving()
+
     def shutdown(self) -> None:
         import torch.distributed as dist
 
+        if self.trainer is not None:
+            self.trainer.finish_saving()  # --async-save: the last checkpoint is committed before the group goes
         if self._weight_sync is not None:
             self._weight_sync.close()
         if dist.is_initialized():

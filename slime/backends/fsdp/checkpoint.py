@@ -11,7 +11,9 @@ Every rank writes into `iter_0000007.tmp/`; after a barrier rank 0 renames it to
 and then rewrites the tracker file (via a temporary file and os.replace), so a crash never
 leaves a half-written directory that `--load` would pick up. A write that fails on any rank (disk
 full, permissions) fails on every rank with `CheckpointSaveError`; the temporary folder is removed
-and the previous checkpoint and tracker stay as they were.
+and the previous checkpoint and tracker stay as they were. `begin_async_save` / `finish_save` (--async-save) split
+a save into the collective staging of the state to CPU memory and, later, the commit (rename and tracker) once the
+background write has finished on every rank.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import json
 import os
 import random
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -117,15 +120,71 @@ def _raise_if_any_rank_failed(error: BaseException | None, root: str | os.PathLi
                               f"{kept}") from error
 
 
+@dataclass
+class PendingSave:
+    """A checkpoint being written in the background (--async-save); `finish_save` commits it."""
+    root: str | os.PathLike
+    iteration: int
+    final: Path
+    tmp: Path
+    previous: int | None
+    future: Any  # concurrent.futures.Future of the DCP write
+
+
 def save_checkpoint(root: str | os.PathLike, iteration: int, model: nn.Module, optimizer: torch.optim.Optimizer,
                     trainer_state: dict[str, Any], *, save_optim: bool = True) -> Path:
     """Collective over all ranks. Returns the final directory; CheckpointSaveError if any rank cannot write."""
+    final, tmp, previous = _begin(root, iteration)
+    error: BaseException | None = None
+    try:
+        dcp.save(_training_state(model, optimizer, save_optim), checkpoint_id=str(tmp))
+        _write_small_files(tmp, trainer_state, save_optim)
+    except (OSError, RuntimeError, CheckpointException) as e:  # torch.save raises RuntimeError on a short write
+        error = e
+    _raise_if_any_rank_failed(error, root, final, tmp, previous)
+    return _commit(root, iteration, final, tmp, previous)
+
+
+def begin_async_save(root: str | os.PathLike, iteration: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                     trainer_state: dict[str, Any], *, save_optim: bool = True,
+                     process_group: dist.ProcessGroup | None = None) -> PendingSave:
+    """Collective. Returns once the state is copied to CPU memory (training may change the weights from then on);
+    the shards are written by a background thread that talks over `process_group` (not the training group)."""
+    final, tmp, previous = _begin(root, iteration)
+    error: BaseException | None = None
+    future = None
+    try:
+        _write_small_files(tmp, trainer_state, save_optim)
+        response = dcp.async_save(_training_state(model, optimizer, save_optim), checkpoint_id=str(tmp),
+                                  process_group=process_group)
+        staged = getattr(response, "staging_completion", None)
+        if staged is not None:  # staging itself in the background: wait for the copy before the weights move
+            staged.result()
+        future = getattr(response, "upload_completion", response)
+    except (OSError, RuntimeError, CheckpointException) as e:
+        error = e
+    _raise_if_any_rank_failed(error, root, final, tmp, previous)
+    return PendingSave(root, iteration, final, tmp, previous, future)
+
+
+def finish_save(pending: PendingSave) -> Path:
+    """Collective: wait for the background write on every rank, then commit the checkpoint (rename, tracker)."""
+    error: BaseException | None = None
+    try:
+        pending.future.result()
+    except Exception as e:  # noqa: BLE001 - any failure of the write fails the checkpoint on every rank
+        error = e
+    _raise_if_any_rank_failed(error, pending.root, pending.final, pending.tmp, pending.previous)
+    return _commit(pending.root, pending.iteration, pending.final, pending.tmp, pending.previous)
+
+
+def _begin(root: str | os.PathLike, iteration: int) -> tuple[Path, Path, int | None]:
+    """Rank 0 makes an empty `iter_N.tmp/`; every rank learns whether it could."""
     final = iteration_dir(root, iteration)
     tmp = final.with_name(final.name + ".tmp")
-    rank = dist.get_rank()
     previous = latest_iteration(root) if Path(root).is_dir() else None
     error: BaseException | None = None
-    if rank == 0:
+    if dist.get_rank() == 0:
         try:
             Path(root).mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)
@@ -133,19 +192,27 @@ def save_checkpoint(root: str | os.PathLike, iteration: int, model: nn.Module, o
         except OSError as e:
             error = e
     _raise_if_any_rank_failed(error, root, final, tmp, previous)
+    return final, tmp, previous
+
+
+def _training_state(model: nn.Module, optimizer: torch.optim.Optimizer, save_optim: bool) -> dict[str, Any]:
     state: dict[str, Any] = {"model": get_model_state_dict(model)}
     if save_optim:
         state["optim"] = get_optimizer_state_dict(model, optimizer)
-    try:
-        dcp.save(state, checkpoint_id=str(tmp))
-        torch.save(_rng_state(), tmp / f"rng_rank{rank}.pt")
-        if rank == 0:
-            torch.save(dict(trainer_state, has_optim=save_optim, world_size=dist.get_world_size()),
-                       tmp / "trainer_state.pt")
-    except (OSError, RuntimeError, CheckpointException) as e:  # torch.save raises RuntimeError on a short write
-        error = e
-    _raise_if_any_rank_failed(error, root, final, tmp, previous)
-    if rank == 0:
+    return state
+
+
+def _write_small_files(tmp: Path, trainer_state: dict[str, Any], save_optim: bool) -> None:
+    torch.save(_rng_state(), tmp / f"rng_rank{dist.get_rank()}.pt")
+    if dist.get_rank() == 0:
+        torch.save(dict(trainer_state, has_optim=save_optim, world_size=dist.get_world_size()),
+                   tmp / "trainer_state.pt")
+
+
+def _commit(root: str | os.PathLike, iteration: int, final: Path, tmp: Path, previous: int | None) -> Path:
+    """Rank 0 renames `iter_N.tmp/` to `iter_N/`, then points the tracker at it; collective."""
+    error: BaseException | None = None
+    if dist.get_rank() == 0:
         try:
             if final.exists():
                 shutil.rmtree(final)

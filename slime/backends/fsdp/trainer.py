@@ -112,6 +112,8 @@ class FSDPTrainer:
         self.nan_steps_in_a_row = 0
         self._mismatch_sums: dict[str, Any] | None = None  # set while a skipped old-log-prob pass is measured
         self._told_skip = False
+        self._pending_save: ckpt.PendingSave | None = None  # --async-save: the checkpoint being written
+        self._save_group: Any = None
 
     # ----------------------------------------------------------------- setup
     def init(self) -> int:
@@ -504,11 +506,24 @@ class FSDPTrainer:
         self._check_onloaded()
         state = {"scheduler": self.scheduler.state_dict(), "weight_version": self.weight_version,
                  "rollout_id": rollout_id}
-        ckpt.save_checkpoint(save, rollout_id, self.model, self.optimizer, state,
-                             save_optim=not _arg(self.args, "no_save_optim", False))
+        save_optim = not _arg(self.args, "no_save_optim", False)
+        if _arg(self.args, "async_save", False):
+            self.finish_saving()  # one background write at a time; the previous one is committed first
+            if self._save_group is None:
+                self._save_group = dist.new_group(backend="gloo")  # the writer thread's own collectives
+            self._pending_save = ckpt.begin_async_save(save, rollout_id, self.model, self.optimizer, state,
+                                                       save_optim=save_optim, process_group=self._save_group)
+        else:
+            ckpt.save_checkpoint(save, rollout_id, self.model, self.optimizer, state, save_optim=save_optim)
         save_hf = _arg(self.args, "save_hf", None)
         if save_hf and self.role == "actor":
             self.save_hf(save_hf.format(rollout_id=rollout_id))
+
+    def finish_saving(self) -> None:
+        """--async-save: wait for the checkpoint being written and commit it (collective; a no-op without one)."""
+        pending, self._pending_save = self._pending_save, None
+        if pending is not None:
+            ckpt.finish_save(pending)
 
     def _role_dir(self, root: str | None) -> str | None:
         """The critic keeps its checkpoints in a `critic/` sub-directory of --save / --load."""

@@ -15,7 +15,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--save-hf", type=str, default=None,
                        help="Also write an HF checkpoint to this path; '{rollout_id}' is replaced.")
     group.add_argument("--async-save", action="store_true", default=False,
-                       help="Save checkpoints in the background (not supported yet).")
+                       help="Write checkpoints in the background: training goes on once the state is copied to CPU "
+                            "memory; each checkpoint is committed (renamed, tracker updated) before the next save "
+                            "and at the end of the run.")
     group.add_argument("--no-load-optim", action="store_true", default=False, help="Do not restore optimizer state.")
     group.add_argument("--no-load-rng", action="store_true", default=False, help="Do not restore RNG state.")
     group.add_argument("--finetune", action="store_true", default=False,

@@ -20,7 +20,6 @@ NOT_SUPPORTED_YET: dict[str, Any] = {
     "--train-backend": "fsdp",
     "--custom-model-provider-path": None,
     "--keep-old-actor": False,
-    "--async-save": False,
     "--http-proxy": None,
     "--record-memory-history": False,
     "--memory-snapshot-dir": ".",
