@@ -341,6 +341,9 @@ def run_async(args: argparse.Namespace, on_start: Callable[["Run", int], None] |
     if args.colocate:
         raise ValueError("train_async.py does not support --colocate: the engines would generate while the trainer "
                          "holds the same GPUs; drop --colocate (disaggregated) or use train.py")
+    if getattr(args, "keep_old_actor", False):
+        raise ValueError("train_async.py does not support --keep-old-actor: each rollout comes from the weights one "
+                         "sync before the kept copy; use --use-rollout-logprobs (the engine's own log-probs)")
     with _started(args, on_start) as (loop, summary):
         start, num_rollout = summary.start_rollout_id, summary.num_rollout
         next_rollout = loop.manager.generate.remote(start) if start < num_rollout else None

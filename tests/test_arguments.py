@@ -273,7 +273,6 @@ def test_validation_rule_names_the_flag(argv, message, capsys):
     "extra, message",
     [
         (["--train-backend", "megatron"], "not supported yet: --train-backend (got 'megatron'"),
-        (["--keep-old-actor"], "not supported yet: --keep-old-actor"),
         (["--advantage-estimator", "ppo", "--kl-coef", "0.1"],
          "not supported yet: --kl-coef with --advantage-estimator ppo"),
         (["--record-memory-history"], "not supported yet: --record-memory-history"),

@@ -43,7 +43,7 @@ def test_colocated_tensor_sync_respects_interval(ray_module, tiny_model_dir, tas
         gaps[rollout_id] = logprob_gap(loop, PROMPTS)
 
     args = parse_train_args(train_argv(tiny_model_dir, task, "--colocate", "--update-weights-interval", "2",
-                                       "--check-weight-update-equal",
+                                       "--check-weight-update-equal", "--keep-old-actor",
                                        "--eval-prompt-data", "heldout", str(task["test"]), "--eval-interval", "2",
                                        "--eval-top-k", "1", "--metrics-dir", str(tmp_path),
                                        "--custom-rollout-log-function-path", "tests.ray_helpers.record_rollout_log",
@@ -129,6 +129,9 @@ def test_async_with_disk_sync(ray_module, tiny_model_dir, task, tmp_path):
 def test_async_refuses_colocate(tiny_model_dir, task):
     args = parse_train_args(train_argv(tiny_model_dir, task, "--colocate"))
     with pytest.raises(ValueError, match="does not support --colocate"):
+        run_async(args)
+    args = parse_train_args(train_argv(tiny_model_dir, task, "--rollout-num-gpus", "1", "--keep-old-actor"))
+    with pytest.raises(ValueError, match="does not support --keep-old-actor"):
         run_async(args)
 
 

@@ -124,7 +124,9 @@ class TrainActor:
 
         if self._weight_sync is None:
             self._weight_sync = WeightSync(self.args, self.rank, mode)
-        return self._weight_sync.update(self.trainer, engines)
+        version = self._weight_sync.update(self.trainer, engines)
+        self.trainer.weights_synced()
+        return version
 
     def finish_saving(self) -> None:
         self.trainer.finish_saving()

@@ -19,6 +19,7 @@ the rewards), then `actor.train(id, dict(shard, values=values))`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -108,6 +109,7 @@ class FSDPTrainer:
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler: LRSchedule | None = None
         self.ref_shards: dict[str, torch.Tensor] | None = None
+        self.old_actor_shards: dict[str, torch.Tensor] | None = None  # --keep-old-actor: the engines' weights
         self.offloaded = False
         self.nan_steps_in_a_row = 0
         self._mismatch_sums: dict[str, Any] | None = None  # set while a skipped old-log-prob pass is measured
@@ -139,7 +141,14 @@ class FSDPTrainer:
             # the rollout the checkpoint finished (-1 for one converted from HF); --start-rollout-id overrides
             if getattr(args, "start_rollout_id", None) is None:
                 start = int(state.get("rollout_id", iteration)) + 1
+        self.weights_synced()  # the engines start from these weights (resumed runs push them first)
         return start
+
+    def weights_synced(self) -> None:
+        """The engines now hold the current weights: under --keep-old-actor, keep a copy (on the CPU) that computes
+        the old log-probs until the next sync, so the PPO ratio's denominator is the policy that generated them."""
+        if self.role == "actor" and _arg(self.args, "keep_old_actor", False):
+            self.old_actor_shards = snapshot_shards(self.model)
 
     @property
     def needs_ref(self) -> bool:
@@ -324,7 +333,8 @@ class FSDPTrainer:
                             "(no separate pass; --recompute-old-log-probs forces it)")
         else:
             log_prob_start = time.time()
-            batch["log_probs"] = self._log_probs_of(batch)  # host tensors: the device work is done
+            with swapped_in(self.model, self.old_actor_shards) if self.old_actor_shards else contextlib.nullcontext():
+                batch["log_probs"] = self._log_probs_of(batch)  # host tensors: the device work is done
             rollout_metrics["log_probs_time_s"] = time.time() - log_prob_start
             if "rollout_log_probs" in batch:
                 rollout_metrics.update(self._mismatch_metric(batch))
@@ -343,6 +353,8 @@ class FSDPTrainer:
         one iteration); --recompute-old-log-probs keeps the pass."""
         args = self.args
         if self.role != "actor" or _arg(args, "recompute_old_log_probs", False) or steps_per_rollout(args) != 1:
+            return False
+        if self.old_actor_shards is not None:  # the kept weights may be older than the current ones
             return False
         if float(_arg(args, "kl_coef", 0.0) or 0.0) != 0.0 or _arg(args, "loss_type", "policy_loss") != "policy_loss":
             return False

@@ -19,7 +19,6 @@ from slime.utils.arguments.eval_config import load_eval_config
 NOT_SUPPORTED_YET: dict[str, Any] = {
     "--train-backend": "fsdp",
     "--custom-model-provider-path": None,
-    "--keep-old-actor": False,
     "--http-proxy": None,
     "--record-memory-history": False,
     "--memory-snapshot-dir": ".",

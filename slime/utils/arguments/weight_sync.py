@@ -19,7 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--update-weights-interval", type=int, default=1,
                        help="Push weights to the engines every N rollouts.")
     group.add_argument("--keep-old-actor", action="store_true", default=False,
-                       help="Keep a copy of the previous actor weights (not supported yet).")
+                       help="Keep a CPU copy of the weights last pushed to the engines and compute the old log-probs "
+                            "with it (with --update-weights-interval > 1 the rollouts come from those weights, not "
+                            "the current ones); train.py only.")
     group.add_argument("--check-weight-update-equal", action="store_true", default=False,
                        help="At start-up, check that a weight sync writes every engine tensor exactly: the "
                             "engines snapshot their weights, overwrite them with noise, receive the trainer's and "
