@@ -37,7 +37,7 @@ TRAINER_DEFAULTS: dict[str, Any] = dict(
     calculate_per_token_loss=False, load=None, save=None, save_interval=None, no_save_optim=False,
     no_load_optim=False, save_hf=None, start_rollout_id=None, update_weight_buffer_size=512 * 1024 ** 2,
     use_pytorch_profiler=False, profile_step_start=10, profile_step_end=12, profile_target=["train_overall"],
-    profile_dir="profiles", async_save=False, keep_old_actor=False,
+    profile_dir="profiles", async_save=False, keep_old_actor=False, custom_model_provider_path=None,
 )
 
 

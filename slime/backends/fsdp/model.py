@@ -204,6 +204,26 @@ def shard_model(model: nn.Module, mesh: DeviceMesh, device: str, *, recompute: b
     return model
 
 
+def provided_model(args: Any, path: str, role: str) -> nn.Module:
+    """--custom-model-provider-path: `provider(args, path, role) -> nn.Module`, an HF-style decoder (`.config`,
+    `.model.layers`, `.model(...)` returning `.last_hidden_state`, and `.lm_head` for the actor or a 1-output
+    `.score` for the critic) with the checkpoint's parameter names. Called on every rank; rank 0's weights are
+    the ones every rank trains from. The trainer keeps fp32 master weights and sets the packed attention."""
+    from slime.utils.plugins import load_function
+
+    flag = "--custom-model-provider-path"
+    model = load_function(args.custom_model_provider_path, flag=flag)(args, path, role)
+    head = "score" if role == "critic" else "lm_head"
+    if not isinstance(model, nn.Module) or not isinstance(getattr(model, head, None), nn.Module):
+        raise ValueError(f"{flag} {args.custom_model_provider_path}: returned {type(model).__name__}, expected an "
+                         f"nn.Module with a .{head} head for the {role}")
+    decoder_layers(model)  # names the missing .model.layers
+    model = model.to(torch.float32)
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(attention_implementation(args.device))
+    return model
+
+
 def _meta_hf_model(path: str, device: str, role: str) -> nn.Module:
     """The architecture of `path` with parameters on the meta device (no memory, no disk read of weights)."""
     from transformers import AutoConfig
@@ -224,7 +244,9 @@ def build_sharded_policy(args: Any, mesh: DeviceMesh, path: str | None = None, r
     device = args.device
     path = path or args.hf_checkpoint
     multi_rank = dist.get_world_size() > 1
-    if dist.get_rank() == 0 or not multi_rank:
+    if getattr(args, "custom_model_provider_path", None):
+        hf_model = provided_model(args, path, role)
+    elif dist.get_rank() == 0 or not multi_rank:
         hf_model = load_hf_model(path, device, role)
     else:
         hf_model = _meta_hf_model(path, device, role)

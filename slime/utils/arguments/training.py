@@ -51,4 +51,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--critic-lr", type=float, default=None,
                        help="PPO: the critic's learning rate (default --lr); its schedule follows the --lr-* flags.")
     group.add_argument("--custom-model-provider-path", type=str, default=None,
-                       help="module.attr of a function that builds the model (not supported yet).")
+                       help="module.attr of provider(args, path, role) -> nn.Module: the HF-style model to train "
+                            "instead of from_pretrained (slime/backends/fsdp/model.py: provided_model).")

@@ -18,7 +18,6 @@ from slime.utils.arguments.eval_config import load_eval_config
 # flag -> the only value accepted until the feature exists.
 NOT_SUPPORTED_YET: dict[str, Any] = {
     "--train-backend": "fsdp",
-    "--custom-model-provider-path": None,
     "--http-proxy": None,
     "--record-memory-history": False,
     "--memory-snapshot-dir": ".",
