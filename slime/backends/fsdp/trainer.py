@@ -115,6 +115,7 @@ class FSDPTrainer:
         self._mismatch_sums: dict[str, Any] | None = None  # set while a skipped old-log-prob pass is measured
         self._told_skip = False
         self._pending_save: ckpt.PendingSave | None = None  # --async-save: the checkpoint being written
+        self.profiler = PhaseProfiler(args, rank=0)  # its rank is set by init()
         self._save_group: Any = None
 
     # ----------------------------------------------------------------- setup
@@ -123,7 +124,7 @@ class FSDPTrainer:
         ensure_process_group(self.device, _arg(args, "distributed_timeout_minutes", 10))
         torch.manual_seed(_arg(args, "seed", 1234))
         self.rank, self.dp_size = dist.get_rank(), dist.get_world_size()
-        self.profiler = PhaseProfiler(args, self.rank)
+        self.profiler.rank = self.rank
         self.mesh = build_mesh(self.device)
         self.model = build_sharded_policy(args, self.mesh, role=self.role)
         self.optimizer = build_optimizer(self.model.named_parameters(), args)
