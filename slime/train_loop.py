@@ -181,6 +181,9 @@ class Run:
                 self._trainers("onload")
         metrics: dict[str, float] = {}
         if self.critic is not None:
+            if float(getattr(self.args, "kl_coef", 0.0) or 0.0) != 0.0:  # the critic's rewards are KL-shaped too
+                with self.timer("log_probs"):
+                    rollout_data = dict(rollout_data, **self.trainer.handover_log_probs(rollout_data))
             with self.timer("critic_train"):
                 rollout_data = dict(rollout_data, values=self.critic.compute_values(rollout_data))  # before its update
                 critic_metrics = self.critic.train(rollout_id, rollout_data)

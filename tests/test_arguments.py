@@ -273,8 +273,6 @@ def test_validation_rule_names_the_flag(argv, message, capsys):
     "extra, message",
     [
         (["--train-backend", "megatron"], "not supported yet: --train-backend (got 'megatron'"),
-        (["--advantage-estimator", "ppo", "--kl-coef", "0.1"],
-         "not supported yet: --kl-coef with --advantage-estimator ppo"),
         (["--record-memory-history"], "not supported yet: --record-memory-history"),
         (["--memory-snapshot-dir", "/tmp/x"], "not supported yet: --memory-snapshot-dir"),
         (["--num-critic-only-steps", "1"], "--num-critic-only-steps 1: needs --advantage-estimator ppo"),

@@ -202,7 +202,7 @@ def test_ppo_trains_a_critic_beside_the_actor_and_resumes_both(ray_module, tiny_
 
     ckpt = tmp_path / "ckpt"
     ppo = ("--colocate", "--advantage-estimator", "ppo", "--num-critic-only-steps", "1", "--critic-lr", "5e-2",
-           "--save-interval", "2")
+           "--save-interval", "2", "--kl-coef", "0.05")
     args = parse_train_args(train_argv(tiny_model_dir, task, *ppo, "--save", str(ckpt), "--metrics-dir",
                                        str(tmp_path)))
     run(args, on_start=on_start, on_step=on_step)
@@ -213,8 +213,9 @@ def test_ppo_trains_a_critic_beside_the_actor_and_resumes_both(ray_module, tiny_
     assert "critic/value_loss" in records[1] and records[1]["train/lr"] == pytest.approx(1e-2)
     assert digests["1"] != digests["0"]
     shard = received[1]
-    assert len(shard["values"]) == len(shard["tokens"])
-    assert [len(v) for v in shard["values"]] == shard["response_lengths"]
+    for key in ("values", "log_probs", "ref_log_probs"):  # --kl-coef: the critic shaped its rewards with these
+        assert [len(v) for v in shard[key]] == shard["response_lengths"], key
+    assert "time/log_probs" in records[1]
     assert (ckpt / "critic" / "latest_checkpointed_iteration.txt").exists()
 
     def on_resume(loop, start):

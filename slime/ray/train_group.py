@@ -95,6 +95,10 @@ class TrainActor:
     def compute_values(self, rollout_data: dict[str, Any]) -> list[Any]:
         return [t.detach().float().cpu() for t in self.trainer.compute_values(rollout_data)]
 
+    def handover_log_probs(self, rollout_data: dict[str, Any]) -> dict[str, list[Any]]:
+        return {key: [t.detach().float().cpu() for t in values]
+                for key, values in self.trainer.handover_log_probs(rollout_data).items()}
+
     def save(self, rollout_id: int) -> None:
         self.trainer.save(rollout_id)
 
@@ -212,6 +216,12 @@ class TrainGroup:
         shards = split_rollout_data(rollout_data, self.world_size, None)
         parts = ray.get([a.compute_values.remote(s) for a, s in zip(self.actors, shards)])
         return [values for part in parts for values in part]
+
+    def handover_log_probs(self, rollout_data: dict[str, Any]) -> dict[str, list[Any]]:
+        """Actor: old / reference log-probs per sample, in the rollout's sample order (PPO with --kl-coef)."""
+        shards = split_rollout_data(rollout_data, self.world_size, None)
+        parts = ray.get([a.handover_log_probs.remote(s) for a, s in zip(self.actors, shards)])
+        return {key: [values for part in parts for values in part[key]] for key in parts[0]}
 
     def last_rollout_data(self) -> list[dict[str, Any] | None]:
         return self._all("get_last_rollout_data")

@@ -316,9 +316,19 @@ class FSDPTrainer:
         out["train/weight_version"] = self.weight_version
         return out
 
+    def handover_log_probs(self, rollout_data: dict[str, Any]) -> dict[str, list[torch.Tensor]]:
+        """PPO with --kl-coef: the old and reference log-probs this actor would use, computed now so that the critic
+        shapes its rewards with them too (the actor's train() then takes them from rollout_data). Collective."""
+        self._check_onloaded()
+        batch = self._prepare_batch(rollout_data)
+        self._attach_log_probs(batch, {})
+        return {key: batch[key] for key in ("log_probs", "ref_log_probs") if key in batch}
+
     def _attach_log_probs(self, batch: dict[str, Any], rollout_metrics: dict[str, float]) -> None:
         """batch['log_probs'] (old policy) and batch['ref_log_probs'] where the loss needs them."""
         args = self.args
+        if "log_probs" in batch and (self.ref_shards is None or "ref_log_probs" in batch):
+            return  # handed over by the driver (handover_log_probs)
         if self.role == "critic":
             pass  # old / ref log-probs, when the KL reward needs them, come from the actor in rollout_data
         elif _arg(args, "use_rollout_logprobs", False):

@@ -173,9 +173,6 @@ def _check_algorithm(args: argparse.Namespace) -> None:
     if args.n_samples_per_prompt == 1:
         args.grpo_std_normalization = False
     args.use_critic = args.advantage_estimator == "ppo"
-    if args.use_critic and args.kl_coef != 0.0:
-        raise ValueError("not supported yet: --kl-coef with --advantage-estimator ppo (the critic would need the "
-                         "actor's log-probs to shape its rewards); use --use-kl-loss for a KL penalty")
     if args.num_critic_only_steps < 0 or (args.num_critic_only_steps and not args.use_critic):
         raise ValueError(f"--num-critic-only-steps {args.num_critic_only_steps}: needs --advantage-estimator ppo "
                          f"and a count >= 0")
