@@ -22,6 +22,13 @@ def test_subsample_keeps_whole_groups_in_order():
     assert subsample_groups(samples, 1.0) == samples
 
 
+def test_subsample_rounds_up_to_a_sample_count_the_train_ranks_divide():
+    samples = _samples([0, 0, 1, 2, 3, 3])  # groups of 2, 1, 1, 2 samples: 2, 3, 4, 6 when kept in order
+    assert [s.index for s in subsample_groups(samples, 0.25, multiple_of=2)] == [0, 1]
+    assert [s.index for s in subsample_groups(samples, 0.25, multiple_of=4)] == [0, 1, 2, 3]  # 2 -> 3 -> 4
+    assert subsample_groups(samples, 0.25, multiple_of=5) == samples  # no prefix divides: all of them
+
+
 def test_subsample_treats_samples_without_a_group_as_their_own():
     samples = _samples([None, None, None, None])
     assert [s.index for s in subsample_groups(samples, 0.5)] == [0, 1]

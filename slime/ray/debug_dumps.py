@@ -44,15 +44,19 @@ def load_debug_rollout_data(template: str, rollout_id: int) -> list[Sample]:
         raise ValueError(f"--load-debug-rollout-data: {path} is not a slime rollout dump ({e})") from e
 
 
-def subsample_groups(samples: list[Sample], fraction: float) -> list[Sample]:
+def subsample_groups(samples: list[Sample], fraction: float, multiple_of: int = 1) -> list[Sample]:
     """The first ceil(fraction * groups) whole groups (samples of one `group_index`; a sample without one is its
-    own group), in their order: GRPO's group statistics stay those of complete groups."""
+    own group), in their order: GRPO's group statistics stay those of complete groups. More groups follow while
+    the sample count is not a multiple of `multiple_of` (the train ranks split the samples evenly)."""
     groups: dict[Any, list[Sample]] = {}
     for position, sample in enumerate(samples):
         key = ("group", sample.group_index) if sample.group_index is not None else ("sample", position)
         groups.setdefault(key, []).append(sample)
-    keep = max(1, math.ceil(fraction * len(groups)))
-    return [sample for group in list(groups.values())[:keep] for sample in group]
+    ordered = list(groups.values())
+    keep = max(1, math.ceil(fraction * len(ordered)))
+    while keep < len(ordered) and sum(len(group) for group in ordered[:keep]) % multiple_of:
+        keep += 1
+    return [sample for group in ordered[:keep] for sample in group]
 
 
 def save_debug_train_data(template: str, rollout_id: int, rank: int, rollout_data: dict[str, Any]) -> Path:

@@ -308,7 +308,8 @@ class RolloutManager:
         if getattr(args, "load_debug_rollout_data", None):
             samples = load_debug_rollout_data(args.load_debug_rollout_data, rollout_id)
             if getattr(args, "load_debug_rollout_data_subsample", None) is not None:
-                samples = subsample_groups(samples, args.load_debug_rollout_data_subsample)
+                samples = subsample_groups(samples, args.load_debug_rollout_data_subsample,
+                                           multiple_of=max(1, int(getattr(args, "dp_size", 1) or 1)))
         else:
             output = _call_rollout(self.rollout_fn, args, rollout_id, self.data_source, evaluation=False)
             groups, extra_metrics = split_train_output(output)

@@ -19,7 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="Train on saved rollouts instead of generating ('{rollout_id}' is replaced); "
                             "implies --debug-train-only.")
     group.add_argument("--load-debug-rollout-data-subsample", type=float, default=None,
-                       help="Train on the first fraction (0, 1] of each loaded rollout's prompt groups (whole groups).")
+                       help="Train on the first fraction (0, 1] of each loaded rollout's prompt groups (whole groups, "
+                            "rounded up until the train ranks divide the samples).")
     group.add_argument("--save-debug-train-data", type=str, default=None,
                        help="Save the rollout data each train rank receives; fields '{rollout_id}' and '{rank}'.")
     group.add_argument("--dump-details", type=str, default=None,
