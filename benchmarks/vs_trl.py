@@ -275,7 +275,7 @@ def run_slime(o: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         cmd.append("--smoke")
     if o.sft_model:
         cmd += ["--sft-model", o.sft_model]
-    if o.final_eval_prompts > 0:
+    if o.final_eval_prompts > 0 and "slime" in o.final_eval_models:
         cmd += ["--save-final-model", str(workdir / "slime_final_model")]
     _run(cmd + o.rl_step_args.split(), "slime")
     return json.loads(out.read_text())
@@ -285,7 +285,8 @@ def trl_subprocess(o: argparse.Namespace, workdir: Path, sft_model: str, data: P
     out = workdir / "trl.json"
     cmd = [sys.executable, str(Path(__file__).resolve()), "--trl-worker", "--workdir", str(workdir),
            "--sft-model", sft_model, "--data", str(data), "--out", str(out),
-           "--trl-micro-batch", str(o.trl_micro_batch), "--final-eval-prompts", str(o.final_eval_prompts)
+           "--trl-micro-batch", str(o.trl_micro_batch),
+           "--final-eval-prompts", str(o.final_eval_prompts if "trl" in o.final_eval_models else 0)
            ] + _shared_flags(o)
     if o.trl_max_seconds is not None:
         cmd += ["--trl-max-seconds", str(o.trl_max_seconds)]

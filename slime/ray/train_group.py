@@ -132,9 +132,6 @@ class TrainActor:
         self.trainer.weights_synced()
         return version
 
-    def finish_saving(self) -> None:
-        self.trainer.finish_saving()
-
     def shutdown(self) -> None:
         import torch.distributed as dist
 
@@ -206,21 +203,21 @@ class TrainGroup:
     def weights_digest(self) -> str:
         return self._all("weights_digest")[0]
 
-    def compute_log_probs(self, rollout_data: dict[str, Any]) -> list[list[float]]:
+    def _per_rank(self, method: str, rollout_data: dict[str, Any]) -> list[Any]:
+        """`method` of every rank on its contiguous part of the rollout: rank order is sample order."""
         shards = split_rollout_data(rollout_data, self.world_size, None)
-        parts = ray.get([a.compute_log_probs.remote(s) for a, s in zip(self.actors, shards)])
-        return [lp for part in parts for lp in part]
+        return ray.get([getattr(a, method).remote(s) for a, s in zip(self.actors, shards)])
+
+    def compute_log_probs(self, rollout_data: dict[str, Any]) -> list[list[float]]:
+        return [lp for part in self._per_rank("compute_log_probs", rollout_data) for lp in part]
 
     def compute_values(self, rollout_data: dict[str, Any]) -> list[Any]:
-        """Critic: per-sample value tensors, in the rollout's sample order (the shards are contiguous parts)."""
-        shards = split_rollout_data(rollout_data, self.world_size, None)
-        parts = ray.get([a.compute_values.remote(s) for a, s in zip(self.actors, shards)])
-        return [values for part in parts for values in part]
+        """Critic: per-sample value tensors, in the rollout's sample order."""
+        return [values for part in self._per_rank("compute_values", rollout_data) for values in part]
 
     def handover_log_probs(self, rollout_data: dict[str, Any]) -> dict[str, list[Any]]:
         """Actor: old / reference log-probs per sample, in the rollout's sample order (PPO with --kl-coef)."""
-        shards = split_rollout_data(rollout_data, self.world_size, None)
-        parts = ray.get([a.handover_log_probs.remote(s) for a, s in zip(self.actors, shards)])
+        parts = self._per_rank("handover_log_probs", rollout_data)
         return {key: [values for part in parts for values in part[key]] for key in parts[0]}
 
     def last_rollout_data(self) -> list[dict[str, Any] | None]:

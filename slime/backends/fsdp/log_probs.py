@@ -46,7 +46,9 @@ def fused_head_enabled(device: torch.device | str) -> bool:
 
 def _fused_functions() -> tuple[Callable, Callable]:
     if not _FUSED:
-        backend = os.environ.get("SLIME_FSDP_COMPILE_BACKEND") or "inductor"
+        from slime.backends.fsdp.layer_compile import compile_backend
+
+        backend = compile_backend("cuda")  # the head is compiled on CUDA only (fused_head_enabled)
         _FUSED["picked"] = torch.compile(_picked_log_probs, dynamic=True, backend=backend)
         _FUSED["entropy"] = torch.compile(_entropy, dynamic=True, backend=backend)
     return _FUSED["picked"], _FUSED["entropy"]

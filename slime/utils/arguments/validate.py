@@ -85,6 +85,9 @@ def _derive_modes(args: argparse.Namespace) -> None:
     if args.debug_rollout_only and args.debug_train_only:
         raise ValueError("--debug-rollout-only and --debug-train-only (or --load-debug-rollout-data) cannot be used together")
     _derive_debug_dumps(args)
+    if args.use_pytorch_profiler and not 0 <= args.profile_step_start < args.profile_step_end:
+        raise ValueError(f"--profile-step-start {args.profile_step_start} and --profile-step-end "
+                         f"{args.profile_step_end}: need 0 <= start < end (rollout ids start <= id < end are traced)")
 
 
 def _derive_debug_dumps(args: argparse.Namespace) -> None:
@@ -110,9 +113,6 @@ def _derive_debug_dumps(args: argparse.Namespace) -> None:
         if flag == "--save-debug-train-data" and "rank" not in used and ranks > 1:
             raise ValueError(f"{flag} {template!r} needs the {{rank}} field: {ranks} train ranks would overwrite "
                              f"each other's file")
-    if args.use_pytorch_profiler and not 0 <= args.profile_step_start < args.profile_step_end:
-        raise ValueError(f"--profile-step-start {args.profile_step_start} and --profile-step-end "
-                         f"{args.profile_step_end}: need 0 <= start < end (rollout ids start <= id < end are traced)")
     fraction = args.load_debug_rollout_data_subsample
     if fraction is not None:
         if args.load_debug_rollout_data is None:
