@@ -34,6 +34,11 @@
 #   PART J  every GPU vs_trl over run seeds SEED_BASE.. from one SFT model (final-reward parity with a standard error)
 #   PART L  GPU 0     one vs_trl lane of part J with its own SFT stage (seed 5), for a one-GPU H100 machine
 #   PART K  (4 GPUs)  part I's 4B training (fp32 and bf16 reduction) and the FSDP GPU tests on GPUs 0,1; part J on 2,3
+#   PART M  GPUs 0,1  part K's 4B training, then the disaggregated weight sync (NCCL) and the FSDP GPU tests
+#   PART N  GPUs 0,1  the disaggregated RL step (1 trainer + 1 engine, NCCL), then the colocated weight sync (CUDA IPC)
+#   PART O  (4 GPUs)  the FSDP-over-4-GPUs RL step from a 120-step SFT model, then 4B training over 4 GPUs
+#   PART P  GPUs 0,1  the disaggregated RL step from a 120-step SFT model; then from that model PPO (GPU 0) beside
+#                     GRPO (GPU 1), colocated
 # Jobs run under timeouts that leave time to pack the results; each Ray user starts its own instance.
 # Ray, fastapi, uvicorn, trl, ... must be importable (docs/gpu_runs.md: how to carry them as wheels).
 set -u
@@ -223,11 +228,42 @@ case "$PART" in
      FAST_ARGS="$FAST_ARGS --sft-steps 120 --task-seed 0" VS_TRL_STEPS=20 TRL_MAX_SECONDS=${TRL_MAX_SECONDS:-125} \
        VS_TRL_EXTRA="--lr 2e-5 --seed 5 --final-eval-models slime,trl --final-eval-prompts 128" RES_TAG=_seed5 \
        vs_trl_lane 0 ;;
+  M) # session 9 (2xH100): part K's 4B training on GPUs 0,1 (the MFU target's hardware), then the NCCL weight sync
+     # of the 0.6B and 4B shapes and the 2-GPU FSDP tests
+     TRAIN_EXTRA="--balance-data" \
+       TRAIN_VARIANTS=${TRAIN_VARIANTS:-layer-keep-reduce-once-chunked,layer-keep-reduce-once-bf16-chunked-head,layer-keep-reduce-once-chunked-head} \
+       train_4b 0,1 2 "${AFTER_TRAIN:-200}"
+     job weight_sync 0,1 160 python benchmarks/weight_sync.py --presets qwen3-0.6b,qwen3-4b \
+         --modes disaggregated,disaggregated_direct --engine-gpu 1 --model-dir $MODELS/ws --out $RES/weight_sync_nccl.json
+     job fsdp_gpu_tests 0,1 20 python -m pytest -v --tb=short --timeout 150 tests/test_fsdp_gpu.py ;;
+  N) # session 9 (2xH100), second call: the disaggregated RL step and the 4B colocated weight sync on H100s
+     RL_DISAGG_EXTRA="--sft-steps 60" rl_disagg 0,1 "${AFTER_RL:-110}"
+     weight_sync_ipc 0 20 ;;
+  O) # session 9 (4xH100): the fsdp4 RL step with part J's GRPO settings (120 SFT steps, lr 2e-5: rewards rise there;
+     # 60 steps at 5e-5 collapse to no reward) and the fast trainer settings, then 4B training over 4 GPUs
+     SLIME_FSDP_COMPILE=layer job rl_fsdp4 0,1,2,3 "${AFTER_RL:-170}" python benchmarks/rl_step.py --mode fsdp4 \
+         --workdir /tmp/rl4 --num-steps "${RL_STEPS:-10}" --sft-steps 120 --lr 2e-5 --task-seed 0 $FAST_ARGS \
+         --out $RES/rl_step_fsdp4.json
+     TRAIN_EXTRA="--balance-data" \
+       TRAIN_VARIANTS=${TRAIN_VARIANTS:-layer-keep-reduce-once-chunked-head,layer-keep-reduce-once-bf16-chunked-head} \
+       train_4b 0,1,2,3 4 20 ;;
+  P) # session 9 (2xH100), third call: part N's disaggregated step with part J's GRPO settings (120 SFT steps, lr 2e-5)
+     # and the fast trainer settings; then PPO's first GPU run beside GRPO, both from that SFT model, colocated
+     SLIME_FSDP_COMPILE=layer job rl_disagg 0,1 "${AFTER_RL:-170}" python benchmarks/rl_step.py --mode disaggregated \
+         --workdir /tmp/rl2 --num-steps "${RL_STEPS:-10}" --sft-steps 120 --lr 2e-5 --task-seed 0 $FAST_ARGS \
+         --out $RES/rl_step_disaggregated.json
+     for lane in "0 ppo --advantage-estimator=ppo --critic-lr=1e-5 --num-critic-only-steps=2" "1 grpo"; do
+       set -- $lane
+       SLIME_FSDP_COMPILE=layer job "rl_$2" "$1" 20 python benchmarks/rl_step.py --workdir "/tmp/rl_$2" \
+           --sft-model /tmp/rl2/sft_model --num-steps "${RL_STEPS:-10}" --lr 2e-5 --task-seed 0 \
+           --max-tokens-per-gpu 8192 --extra-args="--log-probs-chunk-size=4096 ${*:3}" --out "$RES/rl_step_$2.json" &
+     done
+     wait ;;
   B) train_4b 0,1,2,3 4 "${AFTER_TRAIN:-330}"  # part 4, then (B_DISAGG=1) the disaggregated step, then part 3's training
      rl_fsdp4 "${AFTER_FSDP4:-150}"
      if [ "${B_DISAGG:-0}" = 1 ]; then rl_disagg 0,1 20 & fi
      train_4b 2,3 2 20 & wait ;;
-  *) echo "PART must be 1, 2, 3, 4, G, H, I, J, L (or A-F, K on a 4-GPU host)" >&2; exit 2 ;;
+  *) echo "PART must be 1, 2, 3, 4, G, H, I, J, L, M, N, P (or A-F, K, O on a 4-GPU host)" >&2; exit 2 ;;
 esac
 nvidia-smi --query-gpu=name,memory.used --format=csv >> "$RES/suite.log" 2>&1
 tar czf "$OUT/results_$PART.tgz" -C "$RES" . && cp "$RES/suite.log" "$OUT/suite_$PART.log"

@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-samples-per-prompt", type=int, default=8)
     p.add_argument("--max-response-len", type=int, default=128)
     p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--lr", type=float, default=2e-5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--trl-micro-batch", type=int, default=64, help="completions per TRL forward/backward")
     p.add_argument("--trl-max-seconds", type=float, default=None,
