@@ -86,7 +86,7 @@ class Run:
         self.placement = create_placement(args)
         self.manager = create_rollout_manager(args, self.placement)
         self.trainer = None if args.debug_rollout_only else TrainGroup(args, self.placement)
-        self.critic = None  # PPO: the value model, a second train group on the same bundles
+        self.critic = None  # PPO: the value model, on the actor's bundles or (--critic-num-gpus-per-node) its own
         if self.trainer is not None and getattr(args, "use_critic", False):
             self.critic = TrainGroup(critic_args(args), self.placement, role="critic")
         self.engines: list[dict[str, Any]] = ray.get(self.manager.engine_endpoints.remote())
@@ -126,9 +126,9 @@ class Run:
         return start
 
     def _trainers(self, method: str, *args: Any) -> None:
-        """Call `method` on the actor group and, under PPO, the critic group."""
+        """Call `method` on the actor group and, under PPO, a critic that shares the actor's GPUs."""
         for group in (self.trainer, self.critic):
-            if group is not None:
+            if group is not None and (group is self.trainer or not group.owns_gpus):
                 getattr(group, method)(*args)
 
     @property
@@ -180,22 +180,33 @@ class Run:
                     ray.get(self.manager.release_memory.remote(tags))
                 self._trainers("onload")
         metrics: dict[str, float] = {}
+        critic_pending = None
+        actor_trains = self.critic is None or rollout_id >= int(getattr(self.args, "num_critic_only_steps", 0) or 0)
         if self.critic is not None:
             if float(getattr(self.args, "kl_coef", 0.0) or 0.0) != 0.0:  # the critic's rewards are KL-shaped too
                 with self.timer("log_probs"):
                     rollout_data = dict(rollout_data, **self.trainer.handover_log_probs(rollout_data))
             with self.timer("critic_train"):
                 rollout_data = dict(rollout_data, values=self.critic.compute_values(rollout_data))  # before its update
-                critic_metrics = self.critic.train(rollout_id, rollout_data)
-            metrics.update({"critic/" + k.split("/", 1)[-1]: v for k, v in critic_metrics.items() if k != "steps"})
-            if rollout_id < int(getattr(self.args, "num_critic_only_steps", 0) or 0):
+                critic_pending = self.critic.start_train(rollout_id, rollout_data)
+                if not (self.critic.owns_gpus and actor_trains):  # on the actor's GPUs the two take turns
+                    metrics.update(self._critic_metrics(critic_pending))
+                    critic_pending = None
+            if not actor_trains:
                 return metrics  # --num-critic-only-steps: the actor waits for a trained critic
         with self.timer("train"):
             metrics.update(self.trainer.train(rollout_id, rollout_data))
+        if critic_pending is not None:  # on GPUs of its own the critic trained while the actor did
+            with self.timer("critic_wait"):
+                metrics.update(self._critic_metrics(critic_pending))
         seconds = self.timer.seconds("train")
         if seconds > 0:
             metrics["train/tokens_per_s"] = train_data_tokens(rollout_data) / seconds
         return metrics
+
+    def _critic_metrics(self, pending: list[Any]) -> dict[str, float]:
+        assert self.critic is not None
+        return {"critic/" + k.split("/", 1)[-1]: v for k, v in self.critic.finish_train(pending).items() if k != "steps"}
 
     def save_trainers(self, rollout_id: int) -> None:
         """The critic first: the actor's tracker file, written last, commits the checkpoint."""

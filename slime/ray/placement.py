@@ -32,6 +32,13 @@ def num_train_ranks(args: Any) -> int:
     return int(args.actor_num_nodes) * int(args.actor_num_gpus_per_node)
 
 
+def num_critic_bundles(args: Any) -> int:
+    """The PPO critic's own GPUs (0: its ranks share the actor's bundles)."""
+    if getattr(args, "debug_rollout_only", False) or not getattr(args, "use_critic", False):
+        return 0
+    return int(getattr(args, "critic_num_ranks", 0) or 0)
+
+
 def num_rollout_bundles(args: Any) -> int:
     """Bundles the engines need (0: none started: SFT, --debug-train-only, external engines, router only)."""
     if not needs_engines(args):
@@ -72,6 +79,7 @@ def init_ray(args: Any) -> bool:
     bundles = num_train_ranks(args) + (0 if getattr(args, "colocate", False) else num_rollout_bundles(args))
     if getattr(args, "colocate", False):
         bundles = max(bundles, num_rollout_bundles(args))
+    bundles += num_critic_bundles(args)
     # bundles + rollout manager + engine launchers + router + slack; logical CPUs, not cores
     start_local_ray(bundles + 4 + num_rollout_bundles(args))
     return True
@@ -96,10 +104,16 @@ class Placement:
     rollout_pg: PlacementGroup | None
     rollout_bundles: list[int]
     bundle_nodes: dict[int, str] = field(default_factory=dict)  # bundle index -> Ray node id (multi-node only)
+    critic_bundles: list[int] = field(default_factory=list)  # PPO critic on GPUs of its own; empty: shares the actor's
 
-    def actor_strategy(self, rank: int) -> PlacementGroupSchedulingStrategy:
+    def train_bundles(self, role: str) -> list[int]:
+        """The bundles of a train group's ranks: the critic's own, or the actor's (which a critic then shares)."""
+        return self.critic_bundles if role == "critic" and self.critic_bundles else self.actor_bundles
+
+    def train_strategy(self, role: str, rank: int) -> PlacementGroupSchedulingStrategy:
         assert self.actor_pg is not None
-        return PlacementGroupSchedulingStrategy(self.actor_pg, placement_group_bundle_index=self.actor_bundles[rank])
+        return PlacementGroupSchedulingStrategy(self.actor_pg,
+                                                placement_group_bundle_index=self.train_bundles(role)[rank])
 
     def rollout_strategy(self, gpu_index: int) -> PlacementGroupSchedulingStrategy:
         assert self.rollout_pg is not None
@@ -149,13 +163,14 @@ def _make_pg(count: int, use_gpu: bool, name: str) -> PlacementGroup:
         raise ValueError(
             f"could not place {count} bundles of {bundle} within {PLACEMENT_TIMEOUT_S:.0f}s "
             f"(cluster has {available.get(kind, 0):g} free {kind}); lower --actor-num-nodes / "
-            f"--actor-num-gpus-per-node / --rollout-num-gpus or add nodes"
+            f"--actor-num-gpus-per-node / --rollout-num-gpus / --critic-num-gpus-per-node or add nodes"
         )
     return pg
 
 
 def create_placement(args: Any) -> Placement:
-    """Colocated: one group, engines on the train bundles. Disaggregated: one group, train bundles first."""
+    """One group. Colocated: engines on the train bundles; disaggregated: train bundles first, then the engines'.
+    A PPO critic with GPUs of its own (--critic-num-gpus-per-node) takes the last bundles."""
     use_gpu = cluster_has_gpus()
     n_train = num_train_ranks(args)
     n_rollout = num_rollout_bundles(args)
@@ -164,17 +179,15 @@ def create_placement(args: Any) -> Placement:
         raise ValueError(
             f"--colocate needs --rollout-num-gpus equal to the train ranks ({n_train}); got {n_rollout}"
         )
-    total = max(n_train, n_rollout) if colocate else n_train + n_rollout
+    n_critic = num_critic_bundles(args) if n_train else 0
+    shared = max(n_train, n_rollout) if colocate else n_train + n_rollout
+    total = shared + n_critic
     if total == 0:
         return Placement(use_gpu, None, [], None, [])
     pg = _make_pg(total, use_gpu, name=f"slime_{os.getpid()}")
     order, nodes = _ordered_bundles(pg, total, use_gpu)
-    if colocate:
-        actor_bundles = order[:n_train]
-        rollout_bundles = order[:n_rollout]
-    else:
-        actor_bundles = order[:n_train]
-        rollout_bundles = order[n_train:n_train + n_rollout]
+    actor_bundles = order[:n_train]
+    rollout_bundles = order[:n_rollout] if colocate else order[n_train:n_train + n_rollout]
     return Placement(
         use_gpu=use_gpu,
         actor_pg=pg if n_train else None,
@@ -182,4 +195,5 @@ def create_placement(args: Any) -> Placement:
         rollout_pg=pg if n_rollout else None,
         rollout_bundles=rollout_bundles,
         bundle_nodes=nodes,
+        critic_bundles=order[shared:],
     )

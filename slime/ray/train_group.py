@@ -147,19 +147,21 @@ class TrainGroup:
     """Driver-side handle on the train actors; every call fans out to all ranks and waits."""
 
     def __init__(self, args: Any, placement: Placement, role: str = "actor") -> None:
-        """role "critic" (PPO): a second group on the same bundles (each rank shares its GPU with the actor rank
-        and, colocated, the engine), with its own torch.distributed group."""
+        """role "critic" (PPO), its own torch.distributed group: on bundles of its own (--critic-num-gpus-per-node),
+        or a second group on the actor's bundles, each rank sharing its GPU with the actor rank and, colocated,
+        the engine."""
         self.args = args
         self.role = role
-        self.world_size = len(placement.actor_bundles)
+        self.owns_gpus = role == "actor" or bool(placement.critic_bundles)
+        self.world_size = len(placement.train_bundles(role))
         if self.world_size == 0:
             raise ValueError("no train ranks placed: set --actor-num-nodes and --actor-num-gpus-per-node")
         actor_cls = ray.remote(TrainActor)
-        num_cpus, gpu_share = (0.5, 0.4) if role == "actor" else (0.25, 0.2)
+        num_cpus, gpu_share = (0.5, 0.4) if self.owns_gpus else (0.25, 0.2)
         self.actors = [
             actor_cls.options(
                 num_cpus=num_cpus, num_gpus=gpu_share if placement.use_gpu else 0,
-                scheduling_strategy=placement.actor_strategy(rank), name=None, max_concurrency=2,
+                scheduling_strategy=placement.train_strategy(role, rank), name=None, max_concurrency=2,
             ).remote(args, rank, self.world_size, role)
             for rank in range(self.world_size)
         ]
@@ -175,10 +177,17 @@ class TrainGroup:
         return ray.get([getattr(a, method).remote(*args) for a in self.actors])
 
     def train(self, rollout_id: int, rollout_data: dict[str, Any]) -> dict[str, Any]:
+        return self.finish_train(self.start_train(rollout_id, rollout_data))
+
+    def start_train(self, rollout_id: int, rollout_data: dict[str, Any]) -> list[ray.ObjectRef]:
+        """Send every rank its share and return without waiting (`finish_train` waits)."""
         shards = split_rollout_data(rollout_data, self.world_size, getattr(self.args, "global_batch_size", None),
                                     balance=bool(getattr(self.args, "balance_data", False)))
-        results = ray.get([a.train.remote(rollout_id, shard) for a, shard in zip(self.actors, shards)])
-        return results[0]
+        return [a.train.remote(rollout_id, shard) for a, shard in zip(self.actors, shards)]
+
+    @staticmethod
+    def finish_train(pending: list[ray.ObjectRef]) -> dict[str, Any]:
+        return ray.get(pending)[0]
 
     def save(self, rollout_id: int) -> None:
         self._all("save", rollout_id)

@@ -29,7 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="Importance-weight the KL estimate by the current/old policy ratio.")
     group.add_argument("--ref-load", type=str, default=None, help="Checkpoint of the reference model (default: --hf-checkpoint).")
     group.add_argument("--ref-update-interval", type=int, default=None,
-                       help="Copy the actor into the reference model every N rollouts (not supported yet).")
+                       help="Copy the actor into the reference model after every N rollouts (the KL term then "
+                            "anchors to a recent policy).")
     group.add_argument("--entropy-coef", type=float, default=0.0, help="Weight of the entropy bonus.")
     group.add_argument("--gamma", type=float, default=1.0, help="Discount (PPO / GAE).")
     group.add_argument("--lambd", type=float, default=1.0, help="GAE lambda.")

@@ -12,6 +12,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--actor-num-nodes", type=int, default=1, help="Nodes for the training actors.")
     group.add_argument("--actor-num-gpus-per-node", type=int, default=8,
                        help="Training ranks per node (GPUs; CPU processes on a host without GPUs).")
+    group.add_argument("--critic-num-nodes", type=int, default=None,
+                       help="PPO: nodes for the critic's own ranks (default --actor-num-nodes once "
+                            "--critic-num-gpus-per-node is set). Unset, the critic shares the actor's GPUs.")
+    group.add_argument("--critic-num-gpus-per-node", type=int, default=None,
+                       help="PPO: critic ranks per node on GPUs of their own, so the critic trains while the actor "
+                            "does (default --actor-num-gpus-per-node once --critic-num-nodes is set). Unset, one "
+                            "critic rank shares each actor rank's GPU and the two train one after the other.")
     group.add_argument("--num-gpus-per-node", type=int, default=8,
                        help="GPUs per node used to place rollout engines; set it when a node has fewer than 8.")
     group.add_argument("--rollout-num-gpus", type=int, default=None,

@@ -75,6 +75,7 @@ def validate_and_derive(args: argparse.Namespace) -> None:
     _check_paths(args)
     _derive_resources(args)
     _derive_global_batch(args)
+    _derive_critic_placement(args)
     _derive_eval(args)
     _derive_misc(args)
 
@@ -288,6 +289,29 @@ def _derive_global_batch(args: argparse.Namespace) -> None:
             f"--global-batch-size {args.global_batch_size} is not divisible by the data-parallel size {args.dp_size} "
             f"(--actor-num-nodes {args.actor_num_nodes} * --actor-num-gpus-per-node {args.actor_num_gpus_per_node})"
         )
+
+
+def _derive_critic_placement(args: argparse.Namespace) -> None:
+    """args.critic_num_ranks: the critic's own ranks (0: it shares the actor's GPUs, one rank per actor rank)."""
+    args.critic_num_ranks = 0
+    if args.critic_num_nodes is None and args.critic_num_gpus_per_node is None:
+        return
+    if not args.use_critic:
+        raise ValueError("--critic-num-nodes / --critic-num-gpus-per-node place the PPO critic: they need "
+                         "--advantage-estimator ppo")
+    if args.critic_num_nodes is None:
+        args.critic_num_nodes = args.actor_num_nodes
+    if args.critic_num_gpus_per_node is None:
+        args.critic_num_gpus_per_node = args.actor_num_gpus_per_node
+    for flag in ("--critic-num-nodes", "--critic-num-gpus-per-node"):
+        if getattr(args, _dest(flag)) <= 0:
+            raise ValueError(f"{flag} must be > 0, got {getattr(args, _dest(flag))}")
+    args.critic_num_ranks = args.critic_num_nodes * args.critic_num_gpus_per_node
+    if args.global_batch_size % args.critic_num_ranks != 0:
+        raise ValueError(
+            f"--global-batch-size {args.global_batch_size} is not divisible by the critic's ranks "
+            f"{args.critic_num_ranks} (--critic-num-nodes {args.critic_num_nodes} * --critic-num-gpus-per-node "
+            f"{args.critic_num_gpus_per_node})")
 
 
 def _derive_eval(args: argparse.Namespace) -> None:
