@@ -343,3 +343,10 @@ def test_eval_config_file_not_found_and_name_clash(tmp_path, capsys):
     config.write_text("datasets:\n  - {name: a, path: a.jsonl}\n")
     assert "must be unique" in parse_error(BASE + ["--eval-config", str(config), "--eval-prompt-data", "a", "b.jsonl"],
                                            capsys)
+
+
+def test_advantage_estimator_choices_are_the_ones_the_algorithms_know():
+    from slime.algo import ADVANTAGE_ESTIMATORS as known
+    from slime.utils.arguments.algorithm import ADVANTAGE_ESTIMATORS as choices
+
+    assert tuple(choices) == tuple(known)

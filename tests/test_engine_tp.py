@@ -88,12 +88,13 @@ def test_weight_updates_from_disk_and_tensors(tp2, sharp_tiny_dir, new_weights_d
 def test_weights_checker_on_every_rank(tp2, sharp_tiny_dir, reference):
     """snapshot / reset_tensors / compare reach each tp rank's shard (--check-weight-update-equal)."""
     tp2.load_weights_from_disk(str(sharp_tiny_dir))
-    assert tp2.runner.check_weights("snapshot").startswith("snapshot of")
+    snapshot = tp2.runner.check_weights("snapshot")  # each rank's own count (its shard), rank 0 first
+    assert snapshot.startswith("tp rank 0: snapshot of") and "; tp rank 1: snapshot of" in snapshot
     tp2.runner.check_weights("reset_tensors")
     with pytest.raises((ValueError, RuntimeError), match="tensors differ from the snapshot"):
         tp2.runner.check_weights("compare")
     tp2.load_weights_from_disk(str(sharp_tiny_dir))
-    assert "equal the snapshot" in tp2.runner.check_weights("compare")
+    assert tp2.runner.check_weights("compare").count("equal the snapshot") == 2
     assert_same(reference["old"], tp2.generate(ENGINE_PROMPTS, GREEDY))
 
 

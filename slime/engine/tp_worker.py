@@ -163,7 +163,7 @@ class TPWorker:
             self.conn.send(reply)
 
     def op_runner(self, method: str, args: tuple) -> Any:
-        getattr(self.runner, method)(*args)
+        return getattr(self.runner, method)(*args)
 
     def op_load_weights(self, named: list[tuple[str, torch.Tensor]]) -> None:
         self.runner.load_weights(named)
@@ -291,8 +291,9 @@ class TPModelRunner:
         return box["result"]
 
     # ---- plumbing ---------------------------------------------------------------------------------
-    def _call_all(self, worker_args: Callable[[int], tuple[str, tuple]], local: Callable[[], Any]) -> Any:
-        """Send each worker its call, run `local` here, then collect every reply (errors raised after)."""
+    def _call_all(self, worker_args: Callable[[int], tuple[str, tuple]], local: Callable[[], Any]) -> list[Any]:
+        """Send each worker its call, run `local` here, then collect every reply (errors raised after).
+        Returns every rank's result, rank 0 (this process) first."""
         if self.closed:
             raise RuntimeError("the tensor-parallel workers are shut down")
         for rank, conn in enumerate(self.conns, start=1):
@@ -303,7 +304,7 @@ class TPModelRunner:
             result = local()
         except BaseException as e:  # noqa: BLE001  (re-raised once the workers have answered)
             error = e
-        failures = []
+        failures, results = [], [result]
         for rank, conn in enumerate(self.conns, start=1):
             try:
                 kind, value = conn.recv()
@@ -311,13 +312,14 @@ class TPModelRunner:
                 kind, value = "error", f"worker is gone ({type(e).__name__})"
             if kind == "error":
                 failures.append(f"tp rank {rank}: {value}")
+            results.append(value)
         if error is not None:
             raise error
         if failures:
             raise RuntimeError("; ".join(failures))
-        return result
+        return results
 
-    def _call_runner(self, method: str, *args: Any) -> Any:
+    def _call_runner(self, method: str, *args: Any) -> list[Any]:
         return self._call_all(lambda rank: ("runner", (method, args)), lambda: getattr(self.local, method)(*args))
 
     def __getattr__(self, name: str) -> Any:  # num_blocks, device, model, kv_cache, ... of the rank-0 shard
@@ -347,7 +349,8 @@ class TPModelRunner:
 
     def check_weights(self, action: str) -> str:
         """Every rank checks its shard; a rank whose shard differs makes the call fail with its tensor names."""
-        return self._call_runner("check_weights", action)
+        return "; ".join(f"tp rank {rank}: {message}"
+                         for rank, message in enumerate(self._call_runner("check_weights", action)))
 
     def load_serialized(self, payloads: list[str]) -> int:
         """`/update_weights_from_tensor`: rank r loads payloads[r] (or payloads[0] when only one is given)."""
@@ -362,7 +365,7 @@ class TPModelRunner:
             finish_reading(named)
             return len(named)
 
-        return self._call_all(lambda rank: ("load_serialized", (pick(rank),)), local)
+        return self._call_all(lambda rank: ("load_serialized", (pick(rank),)), local)[0]
 
     def free_kv_cache(self) -> None:
         self._call_runner("free_kv_cache")
@@ -384,7 +387,7 @@ class TPModelRunner:
         return self._call_all(
             lambda rank: ("join_group", (address, port, rank_offset + rank, world_size, name, backend)),
             lambda: init_weights_update_group(address, port, rank_offset, world_size, name, backend,
-                                              device=self.local.device))
+                                              device=self.local.device))[0]
 
     def receive_weights(self, group: Any, names: list[str], dtypes: list[str], shapes: list[list[int]],
                         load_format: str | None = None) -> None:

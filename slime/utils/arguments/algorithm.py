@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+# mirrors slime.algo.advantages.ADVANTAGE_ESTIMATORS (parsing flags does not import torch); a test keeps them equal
 ADVANTAGE_ESTIMATORS = ["grpo", "gspo", "cispo", "reinforce_plus_plus", "reinforce_plus_plus_baseline", "ppo"]
 
 
