@@ -345,8 +345,8 @@ def summarize(rows: list[dict[str, Any]], tail: int = 3) -> dict[str, Any]:
         f"reward_last{tail}_mean": round(sum(rewards[-tail:]) / len(rewards[-tail:]), 4) if rewards else None,
     }
     for key in ("step_s", "rollout_s", "engine_busy_s", "engine_steps", "log_prob_s", "train_s", "train_update_s",
-                "critic_train_s", "weight_sync_s", "onload_s", "offload_s", "rollout_tokens_per_s", "train_tokens_per_s",
-                "logprob_abs_diff"):
+                "critic_train_s", "weight_sync_s", "onload_s", "offload_s", "rollout_tokens_per_s",
+                "train_tokens_per_s", "logprob_abs_diff"):
         value = _median(rows, key, skip_first=True)
         if value is not None:
             summary[f"median_{key}"] = value

@@ -206,7 +206,8 @@ class Run:
 
     def _critic_metrics(self, pending: list[Any]) -> dict[str, float]:
         assert self.critic is not None
-        return {"critic/" + k.split("/", 1)[-1]: v for k, v in self.critic.finish_train(pending).items() if k != "steps"}
+        metrics = self.critic.finish_train(pending)
+        return {"critic/" + k.split("/", 1)[-1]: v for k, v in metrics.items() if k != "steps"}
 
     def save_trainers(self, rollout_id: int) -> None:
         """The critic first: the actor's tracker file, written last, commits the checkpoint."""
