@@ -31,9 +31,9 @@ from slime.logging.rollout_metrics import rollout_metrics
 from slime.rollout.log_hooks import call_eval_rollout_log_function, call_rollout_log_function
 from slime.ray.engine_actor import EngineActor
 from slime.ray.engine_process import ServerProcess, router_add_worker, router_remove_worker, start_router
+from slime.ray.debug_dumps import load_debug_rollout_data, save_debug_rollout_data, subsample_groups
 from slime.ray.placement import Placement, needs_engines
 from slime.utils.plugins import load_function
-from slime.ray.debug_dumps import load_debug_rollout_data, save_debug_rollout_data, subsample_groups
 from slime.utils.types import Sample
 
 logger = logging.getLogger(__name__)

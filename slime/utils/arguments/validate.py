@@ -150,7 +150,11 @@ def _check_batch_sizes(args: argparse.Namespace) -> None:
     positive = ["--rollout-num-gpus-per-engine"]
     if not args.debug_rollout_only:
         positive += ["--actor-num-nodes", "--actor-num-gpus-per-node"]
-    for flag in positive:
+    _require_positive(args, positive)
+
+
+def _require_positive(args: argparse.Namespace, flags: list[str]) -> None:
+    for flag in flags:
         if getattr(args, _dest(flag)) <= 0:
             raise ValueError(f"{flag} must be > 0, got {getattr(args, _dest(flag))}")
 
@@ -303,9 +307,7 @@ def _derive_critic_placement(args: argparse.Namespace) -> None:
         args.critic_num_nodes = args.actor_num_nodes
     if args.critic_num_gpus_per_node is None:
         args.critic_num_gpus_per_node = args.actor_num_gpus_per_node
-    for flag in ("--critic-num-nodes", "--critic-num-gpus-per-node"):
-        if getattr(args, _dest(flag)) <= 0:
-            raise ValueError(f"{flag} must be > 0, got {getattr(args, _dest(flag))}")
+    _require_positive(args, ["--critic-num-nodes", "--critic-num-gpus-per-node"])
     args.critic_num_ranks = args.critic_num_nodes * args.critic_num_gpus_per_node
     if args.global_batch_size % args.critic_num_ranks != 0:
         raise ValueError(
